@@ -1,0 +1,234 @@
+"""HTTP digest authentication for SIP (RFC 3261 §22, RFC 2617, RFC 7616, RFC 8760).
+
+* Challenges offer every configured algorithm (``SHA-256`` and ``MD5`` by default), one
+  ``WWW-Authenticate`` value each, most preferred first (RFC 8760 §2.4), all with the same
+  nonce, ``qop="auth"``.
+* Nonces are stateless: ``<issued-at hex>.<HMAC(secret, issued-at)>``. An expired nonce whose
+  response is otherwise right gets a new challenge with ``stale=true``.
+* ``nc`` replays are refused: the highest ``nc`` seen per nonce is kept until the nonce expires.
+* RFC 2069 responses (no ``qop``) are accepted, as many phones send them.
+* Comparisons are constant-time, and an unknown user costs the same hashing as a known one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+
+from .errors import ParseError
+from .headers import parse_quoted
+
+_HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+
+
+def h(algorithm: str, text: str) -> str:
+    """The algorithm's hex digest of ``text`` (UTF-8)."""
+    return _HASHES[algorithm](text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def ha1(algorithm: str, user: str, realm: str, password: str) -> str:
+    """RFC 2617 §3.2.2.2 ``H(username:realm:password)``."""
+    return h(algorithm, f"{user}:{realm}:{password}")
+
+
+def parse_credentials(value: str) -> tuple[str, dict[str, str]]:
+    """Parse ``Authorization``/``WWW-Authenticate`` value: (scheme, params with quotes removed).
+
+    ``credentials = auth-scheme LWS auth-param *(COMMA auth-param)``
+    """
+    s = value.strip()
+    sp = 0
+    while sp < len(s) and s[sp] not in " \t":
+        sp += 1
+    scheme = s[:sp]
+    params: dict[str, str] = {}
+    i = sp
+    n = len(s)
+    while i < n:
+        while i < n and s[i] in " \t,":
+            i += 1
+        if i >= n:
+            break
+        j = i
+        while j < n and s[j] not in "= \t":
+            j += 1
+        name = s[i:j].lower()
+        i = j
+        while i < n and s[i] in " \t":
+            i += 1
+        if i >= n or s[i] != "=":
+            raise ParseError("Bad auth-param")
+        i += 1
+        while i < n and s[i] in " \t":
+            i += 1
+        if i < n and s[i] == '"':
+            val, i = parse_quoted(s, i)
+        else:
+            j = i
+            while j < n and s[j] not in ", \t":
+                j += 1
+            val = s[i:j]
+            i = j
+        if not name:
+            raise ParseError("Bad auth-param")
+        params[name] = val
+    return scheme, params
+
+
+class AuthOutcome(Enum):
+    """What checking credentials concluded."""
+
+    OK = "ok"
+    MISSING = "missing"
+    """No usable credentials for our realm: challenge."""
+    STALE = "stale"
+    """Right response, expired nonce: challenge with ``stale=true``."""
+    BAD_NONCE = "bad_nonce"
+    """A nonce we did not issue: challenge."""
+    REPLAY = "replay"
+    """``nc`` not above the last one seen for this nonce."""
+    UNKNOWN_USER = "unknown_user"
+    WRONG_PASSWORD = "wrong_password"
+    MALFORMED = "malformed"
+
+
+FAILURES = frozenset({AuthOutcome.REPLAY, AuthOutcome.UNKNOWN_USER, AuthOutcome.WRONG_PASSWORD,
+                      AuthOutcome.MALFORMED})
+"""Outcomes that count as an authentication failure (answered 403, counted per source)."""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthResult:
+    """The outcome of :meth:`DigestAuthenticator.check`."""
+
+    outcome: AuthOutcome
+    username: str = ""
+    """The username the credentials claimed (for logs), even when they failed."""
+
+
+class DigestAuthenticator:
+    """Issues challenges and verifies digest credentials for one realm."""
+
+    def __init__(self, *, realm: str, secret: bytes | None = None, nonce_ttl: float = 300.0,
+                 algorithms: tuple[str, ...] = ("SHA-256", "MD5")) -> None:
+        self.realm = realm
+        self.nonce_ttl = nonce_ttl
+        self.algorithms = tuple(algorithms)
+        self._secret = secret or secrets.token_bytes(32)
+        self._nc: dict[str, int] = {}
+        self._nc_order: deque[tuple[float, str]] = deque()
+        # HA1 per (user, algorithm), computed once: the hot path hashes only HA2 and the response.
+        self._ha1: dict[tuple[str, str], str] = {}
+        self._dummy_ha1 = {alg: ha1(alg, "-", realm, secrets.token_hex(16)) for alg in _HASHES}
+
+    def set_users(self, passwords: dict[str, str]) -> None:
+        """Install the user -> password table (precomputes HA1 for every algorithm)."""
+        table: dict[tuple[str, str], str] = {}
+        for user, pw in passwords.items():
+            for alg in _HASHES:
+                table[(user, alg)] = ha1(alg, user, self.realm, pw)
+        self._ha1 = table
+
+    # -- challenges ---------------------------------------------------------------------------
+    def nonce(self, now: float) -> str:
+        """A fresh stateless nonce for time ``now``."""
+        stamp = f"{int(now * 1000):x}"
+        mac = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
+        return f"{stamp}.{mac}"
+
+    def challenge(self, now: float, *, stale: bool = False) -> list[str]:
+        """``WWW-Authenticate`` values, one per algorithm, most preferred first."""
+        nonce = self.nonce(now)
+        extra = ", stale=true" if stale else ""
+        return [f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={alg}, qop="auth"{extra}'
+                for alg in self.algorithms]
+
+    def _nonce_age(self, nonce: str, now: float) -> float | None:
+        """Age of one of our nonces, or ``None`` when we did not issue it."""
+        stamp, dot, mac = nonce.partition(".")
+        if not dot or not stamp or len(stamp) > 16:
+            return None
+        want = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
+        if not hmac.compare_digest(want, mac):
+            return None
+        try:
+            issued = int(stamp, 16) / 1000.0
+        except ValueError:
+            return None
+        return now - issued
+
+    # -- verification -------------------------------------------------------------------------
+    def check(self, method: str, authorization: list[str], now: float) -> AuthResult:
+        """Verify the ``Authorization`` values of a request against our realm.
+
+        Credentials for another realm or another scheme are ignored (RFC 3261 §22.4), so
+        they lead to a challenge, not a failure.
+        """
+        creds = None
+        for value in authorization:
+            try:
+                scheme, params = parse_credentials(value)
+            except ParseError:
+                return AuthResult(AuthOutcome.MALFORMED)
+            if scheme.lower() == "digest" and params.get("realm") == self.realm:
+                creds = params
+                break
+        if creds is None:
+            return AuthResult(AuthOutcome.MISSING)
+        user = creds.get("username", "")
+        nonce = creds.get("nonce", "")
+        uri = creds.get("uri", "")
+        response = creds.get("response", "").lower()
+        alg = creds.get("algorithm", "MD5").upper()
+        if alg not in _HASHES or alg not in self.algorithms or not user or not uri or not response:
+            return AuthResult(AuthOutcome.MALFORMED, user)
+        age = self._nonce_age(nonce, now)
+        if age is None or age < -5.0:
+            return AuthResult(AuthOutcome.BAD_NONCE, user)
+        qop = creds.get("qop")
+        stored = self._ha1.get((user, alg))
+        known = stored is not None
+        key_ha1 = stored if stored is not None else self._dummy_ha1[alg]
+        # RFC 2617 §3.2.2.3 (qop=auth): HA2 = H(method:digest-uri). The digest-uri is the one
+        # the client hashed, which may differ in form from the Request-URI (phones do that).
+        ha2 = h(alg, f"{method}:{uri}")
+        if qop is None:
+            expected = h(alg, f"{key_ha1}:{nonce}:{ha2}")  # RFC 2069
+            nc_val = None
+        elif qop.lower() == "auth":
+            nc = creds.get("nc", "")
+            cnonce = creds.get("cnonce", "")
+            if len(nc) != 8 or not cnonce:
+                return AuthResult(AuthOutcome.MALFORMED, user)
+            try:
+                nc_val = int(nc, 16)
+            except ValueError:
+                return AuthResult(AuthOutcome.MALFORMED, user)
+            expected = h(alg, f"{key_ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
+        else:
+            return AuthResult(AuthOutcome.MALFORMED, user)
+        matches = hmac.compare_digest(expected, response)
+        if not (known and matches):
+            return AuthResult(AuthOutcome.UNKNOWN_USER if not known else AuthOutcome.WRONG_PASSWORD, user)
+        if age > self.nonce_ttl:
+            return AuthResult(AuthOutcome.STALE, user)
+        if nc_val is not None:
+            last = self._nc.get(nonce)
+            if last is not None and nc_val <= last:
+                return AuthResult(AuthOutcome.REPLAY, user)
+            if last is None:
+                self._nc_order.append((now, nonce))
+            self._nc[nonce] = nc_val
+        self._prune(now)
+        return AuthResult(AuthOutcome.OK, user)
+
+    def _prune(self, now: float) -> None:
+        order = self._nc_order
+        horizon = now - self.nonce_ttl - 10.0
+        while order and order[0][0] < horizon:
+            _, nonce = order.popleft()
+            self._nc.pop(nonce, None)

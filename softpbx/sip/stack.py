@@ -1,0 +1,340 @@
+"""The sans-IO SIP stack: bytes in, events and bytes out, one timer heap (RFC 3261 §17, §18).
+
+::
+
+    stack.receive(data, flow, now)      # a datagram, or one framed TCP message
+    while (ev := stack.next_event()):   # RequestReceived, ResponseReceived, ...
+        ...
+    for out in stack.datagrams_to_send(): ...
+    when = stack.get_timer(); ...; stack.handle_timer(now)
+
+Every protocol error raised while reading a message is turned into its response (or a drop)
+in exactly one place, :meth:`SipStack._reject`.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import secrets
+from collections import deque
+
+from ..config.schema import SipSettings
+from .errors import SipError
+from .events import (
+    CancelReceived,
+    Flow,
+    MessageRejected,
+    Outgoing,
+    RequestReceived,
+    SipEvent,
+)
+from .framing import PING, PONG
+from .message import Request, Response, full_name, make_response
+from .parser import parse_message
+from .transaction import ClientTransaction, ServerTransaction, Transaction, TxState
+
+log = logging.getLogger("softpbx.sip.stack")
+
+MAGIC_COOKIE = "z9hG4bK"
+"""RFC 3261 §8.1.1.7: branches starting with it are globally unique transaction ids."""
+
+
+def new_branch() -> str:
+    """A fresh RFC 3261 branch."""
+    return MAGIC_COOKIE + secrets.token_hex(10)
+
+
+def new_tag() -> str:
+    """A fresh From/To tag (RFC 3261 §19.3: at least 32 bits of randomness)."""
+    return secrets.token_hex(6)
+
+
+class SipStack:
+    """Transport-independent SIP transaction layer."""
+
+    def __init__(self, *, settings: SipSettings, server_name: str = "softpbx") -> None:
+        self.t1 = settings.t1_ms / 1000.0
+        self.t2 = settings.t2_ms / 1000.0
+        self.t4 = settings.t4_ms / 1000.0
+        self.max_message_size = settings.max_message_size
+        self.server_name = server_name
+        self._events: deque[SipEvent] = deque()
+        self._out: list[Outgoing] = []
+        self._server: dict[tuple, ServerTransaction] = {}
+        self._client: dict[tuple, ClientTransaction] = {}
+        self._heap: list[tuple[float, int, Transaction, str]] = []
+        self._seq = itertools.count()
+
+    # -- inputs -------------------------------------------------------------------------------
+    def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:
+        """Feed one datagram or one framed stream message.
+
+        ``framing_error``: the stream framer gave up on these bytes (the shell closes the
+        connection once the answer is sent).
+        """
+        if data == PING or data == b"\r\n":
+            # RFC 5626 §3.5.1 keep-alive: a double CRLF ping gets a single CRLF pong.
+            if data == PING:
+                self._out.append(Outgoing(flow, PONG))
+            return
+        if framing_error is None and len(data) > self.max_message_size:
+            self._emit(MessageRejected(flow, "Message too large", None))
+            return
+        stream = flow.reliable
+        try:
+            msg = parse_message(data, stream=stream)
+        except SipError as exc:
+            if framing_error is not None:
+                exc.reason = framing_error
+                if framing_error == "Message too large":
+                    exc.status_hint = 513
+            self._reject(exc, flow, now, close=framing_error is not None)
+            return
+        if framing_error is not None:
+            self._reject(SipError(framing_error, 513 if "large" in framing_error else 400),
+                         flow, now, close=True, msg=msg)
+            return
+        if isinstance(msg, Response):
+            self._on_response(msg, flow, now)
+        else:
+            self._on_request(msg, flow, now)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at ``now``."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, entry, tx, name = heapq.heappop(heap)
+            if tx.timers.get(name) != entry:
+                continue  # cancelled or re-armed
+            del tx.timers[name]
+            tx.on_timer(name, now)
+
+    # -- outputs ------------------------------------------------------------------------------
+    def next_event(self) -> SipEvent | None:
+        """The next event for the transaction user, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def datagrams_to_send(self) -> list[Outgoing]:
+        """Everything to put on the wire since the last call."""
+        out = self._out
+        self._out = []
+        return out
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` must be called next (one peek at the heap)."""
+        heap = self._heap
+        while heap:
+            when, entry, tx, name = heap[0]
+            if tx.timers.get(name) == entry:
+                return when
+            heapq.heappop(heap)
+        return None
+
+    @property
+    def transaction_count(self) -> int:
+        """Live transactions (tests assert it returns to zero)."""
+        return len(self._server) + len(self._client)
+
+    # -- transaction-user API -----------------------------------------------------------------
+    def respond(self, tx: ServerTransaction, response: Response, now: float) -> None:
+        """Send ``response`` on server transaction ``tx``."""
+        if response.get("server") is None and response.get("user-agent") is None:
+            response.add("Server", self.server_name)
+        tx.respond(response, now)
+
+    def reply(self, tx: ServerTransaction, status: int, reason: str | None = None, *, now: float,
+              to_tag: str | None = None, headers: list[tuple[str, str]] | None = None,
+              body: bytes = b"") -> Response:
+        """Build and send a response to ``tx.request``; return it."""
+        resp = make_response(tx.request, status, reason, to_tag=to_tag, headers=headers, body=body)
+        self.respond(tx, resp, now)
+        return resp
+
+    def send_request(self, request: Request, flow: Flow, now: float, *,
+                     via_host: str | None = None) -> ClientTransaction:
+        """Start a client transaction: a top Via with a fresh branch is added, then sent."""
+        branch = new_branch()
+        host = via_host or _hostport(flow.local)
+        request.add_first("Via", f"SIP/2.0/{flow.transport.value.upper()} {host};branch={branch};rport")
+        key = (branch, request.method)
+        tx = ClientTransaction(key=key, request=request, flow=flow, host=self)
+        self._client[key] = tx
+        tx.start(now)
+        return tx
+
+    def send_stateless(self, message: Request | Response, flow: Flow) -> None:
+        """Send a message outside any transaction (ACK for 2xx, 2xx retransmissions)."""
+        self._out.append(Outgoing(flow, message.serialize()))
+
+    def cancel(self, tx: ClientTransaction, now: float) -> ClientTransaction | None:
+        """Cancel a pending INVITE (RFC 3261 §9.1); deferred until a provisional arrived."""
+        if tx.kind != "ict" or tx.state not in (TxState.CALLING, TxState.PROCEEDING):
+            return None
+        if tx.state is TxState.CALLING:
+            tx.cancel_pending = True
+            return None
+        return self._send_cancel(tx, now)
+
+    def _send_cancel(self, tx: ClientTransaction, now: float) -> ClientTransaction:
+        req = tx.request
+        headers: list[tuple[str, str]] = [("Via", req.get_all("via")[0])]
+        for v in req.get_all("route"):
+            headers.append(("Route", v))
+        headers += [("Max-Forwards", "70"), ("From", req.get("from") or ""),
+                    ("To", req.get("to") or ""), ("Call-ID", req.call_id),
+                    ("CSeq", f"{req.cseq.number} CANCEL"), ("Content-Length", "0")]
+        cancel = Request("CANCEL", req.uri_text, headers)
+        key = (req.top_via.branch, "CANCEL")
+        ctx = ClientTransaction(key=key, request=cancel, flow=tx.flow, host=self)
+        self._client[key] = ctx
+        ctx.start(now)
+        return ctx
+
+    # -- receiving ----------------------------------------------------------------------------
+    def _on_request(self, req: Request, flow: Flow, now: float) -> None:
+        via = req.top_via
+        # RFC 3261 §18.2.1 / RFC 3581: note where the request really came from.
+        ip, port = flow.remote
+        if via.host.strip("[]").lower() != ip or "rport" in via.params:
+            if via.host.strip("[]").lower() != ip:
+                via.params["received"] = ip
+            if "rport" in via.params:
+                via.params["rport"] = str(port)
+            _replace_top_via(req, str(via))
+        method = req.method
+        key = _server_key(req, via)
+        if method == "ACK":
+            tx = self._server.get(key)
+            if tx is not None and tx.is_invite:
+                if tx.state is TxState.COMPLETED:
+                    tx.on_ack(now)
+                    return
+                if tx.state is TxState.CONFIRMED:
+                    return  # retransmitted ACK, absorbed
+            # An ACK for a 2xx is its own transaction: straight to the TU.
+            self._emit(RequestReceived(req, None, flow))
+            return
+        tx = self._server.get(key)
+        if tx is not None:
+            tx.on_retransmission()
+            return
+        tx = ServerTransaction(key=key, request=req, flow=flow, host=self)
+        self._server[key] = tx
+        if method == "CANCEL":
+            self._on_cancel(tx, req, via, now)
+            return
+        if method == "INVITE":
+            # Stop INVITE retransmissions at once (RFC 3261 §17.2.1 allows not waiting 200 ms).
+            self.reply(tx, 100, now=now)
+        self._emit(RequestReceived(req, tx, flow))
+
+    def _on_cancel(self, tx: ServerTransaction, cancel: Request, via, now: float) -> None:
+        # RFC 3261 §9.2: the CANCEL matches the INVITE with the same branch and sent-by.
+        inv_key = _server_key(cancel, via, method="INVITE")
+        inv = self._server.get(inv_key)
+        if inv is None or not inv.is_invite:
+            self.reply(tx, 481, now=now)
+            return
+        to_tag = None
+        if inv.last_response is not None:
+            to_tag = inv.last_response.to.tag
+        self.reply(tx, 200, now=now, to_tag=to_tag)
+        if inv.state is TxState.PROCEEDING:
+            self._emit(CancelReceived(inv, cancel))
+
+    def _on_response(self, resp: Response, flow: Flow, now: float) -> None:
+        # RFC 3261 §8.1.3.3: a response with more than one Via is discarded.
+        if len(resp.values("via")) != 1:
+            self._emit(MessageRejected(flow, "Response with several Via values", None))
+            return
+        via = resp.top_via
+        key = (via.branch, resp.cseq.method)
+        tx = self._client.get(key)
+        if tx is None:
+            log.debug("response %d matches no transaction; dropped", resp.status)
+            return
+        if tx.on_response(resp, now):
+            self._emit(tx.response_event(resp))
+            if tx.cancel_pending and resp.status < 200:
+                tx.cancel_pending = False
+                self._send_cancel(tx, now)
+
+    def _reject(self, exc: SipError, flow: Flow, now: float, *, close: bool = False,
+                msg: Request | Response | None = None) -> None:
+        """The one place a protocol error becomes a response (or a drop)."""
+        if msg is None:
+            msg = getattr(exc, "message", None)
+        status: int | None = None
+        if isinstance(msg, Request) and msg.method != "ACK" and msg.has("via"):
+            status = exc.status_hint
+            resp = _error_response(msg, status, exc.reason)
+            resp.add("Server", self.server_name)
+            self._out.append(Outgoing(flow, resp.serialize(), close_after=close))
+        elif close:
+            self._out.append(Outgoing(flow, b"", close_after=True))
+        self._emit(MessageRejected(flow, exc.reason, status))
+
+    # -- TxHost -------------------------------------------------------------------------------
+    def _send(self, flow: Flow, data: bytes) -> None:
+        self._out.append(Outgoing(flow, data))
+
+    def _schedule(self, tx: Transaction, name: str, when: float) -> None:
+        entry = next(self._seq)
+        tx.timers[name] = entry
+        heapq.heappush(self._heap, (when, entry, tx, name))
+
+    def _cancel_timers(self, tx: Transaction) -> None:
+        tx.timers.clear()
+
+    def _emit(self, event: SipEvent) -> None:
+        self._events.append(event)
+
+    def _terminated(self, tx: Transaction) -> None:
+        table: dict = self._server if isinstance(tx, ServerTransaction) else self._client
+        if table.get(tx.key) is tx:
+            del table[tx.key]
+
+
+def _hostport(addr: tuple[str, int]) -> str:
+    host, port = addr
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def _server_key(req: Request, via, method: str | None = None) -> tuple:
+    """RFC 3261 §17.2.3 matching key (with the RFC 2543 fallback for old branches)."""
+    m = method or req.method
+    if m == "ACK":
+        m = "INVITE"
+    branch = via.branch
+    if branch and branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
+        return (branch, via.sent_by, m)
+    return ("2543", req.call_id, req.from_.tag, req.cseq.number, via.sent_by, m)
+
+
+def _replace_top_via(req: Request, value: str) -> None:
+    """Rewrite the first Via value (which may share a line with others)."""
+    for i, (name, line) in enumerate(req.headers):
+        if full_name(name) == "via":
+            rest = ""
+            if "," in line:
+                from .headers import split_comma
+
+                parts = split_comma(line)
+                rest = ", ".join(parts[1:])
+            req.headers[i] = (name, value + (", " + rest if rest else ""))
+            req._index = None
+            return
+
+
+def _error_response(req: Request, status: int, reason: str) -> Response:
+    """A response to a request that may be too broken for :func:`make_response`."""
+    headers: list[tuple[str, str]] = []
+    for name, value in req.headers:
+        lname = full_name(name)
+        if lname in ("via", "from", "to", "call-id", "cseq"):
+            headers.append((name, value))
+    return Response(status, reason, headers)
