@@ -19,10 +19,10 @@ File layout (see ``loader.py``)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 
-class Transport(str, Enum):
+class Transport(StrEnum):
     """A SIP transport a profile listens on or a gateway is reached over."""
 
     UDP = "udp"
@@ -71,8 +71,9 @@ class AuthSettings:
     """Seconds a nonce stays valid; an older one is answered with ``stale=true``."""
     secret: str = ""
     """HMAC key for stateless nonces; empty means a random key per start."""
-    algorithms: tuple[str, ...] = ("SHA-256", "MD5")
-    """Digest algorithms offered, in order of preference (one challenge header each)."""
+    algorithms: tuple[str, ...] = ("MD5", "SHA-256")
+    """Digest algorithms offered, one challenge header each, in this order. MD5 first by default:
+    many phones answer only the first challenge and cannot do SHA-256 (RFC 8760 §2.4)."""
     max_failures: int = 20
     """Failed authentications from one source IP within ``failure_window`` before it is banned."""
     failure_window: int = 60

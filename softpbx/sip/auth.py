@@ -114,7 +114,7 @@ class DigestAuthenticator:
     """Issues challenges and verifies digest credentials for one realm."""
 
     def __init__(self, *, realm: str, secret: bytes | None = None, nonce_ttl: float = 300.0,
-                 algorithms: tuple[str, ...] = ("SHA-256", "MD5")) -> None:
+                 algorithms: tuple[str, ...] = ("MD5", "SHA-256")) -> None:
         self.realm = realm
         self.nonce_ttl = nonce_ttl
         self.algorithms = tuple(algorithms)

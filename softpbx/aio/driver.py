@@ -1,0 +1,76 @@
+"""Feeds the sans-IO switch from the transports and carries out what it asks (aioquic-style).
+
+After every input: send what the core queued, hand store actions to the store, and re-arm
+the single loop timer at ``switch.get_timer()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..core.switch import Switch
+from ..sip.events import Flow
+from ..store.sqlite import SqliteStore
+from .sip_transport import SipTransports
+
+log = logging.getLogger("softpbx.driver")
+
+
+class SwitchDriver:
+    """The asyncio shell around one :class:`Switch`."""
+
+    def __init__(self, *, switch: Switch, store: SqliteStore | None,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.switch = switch
+        self.store = store
+        self.loop = loop
+        self.transports = SipTransports(receiver=self.receive,
+                                        max_size=switch.config.sip.max_message_size)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+
+    def wall_offset(self) -> float:
+        """Wall-clock time minus loop time (the store keeps wall times)."""
+        return time.time() - self.loop.time()
+
+    def receive(self, data: bytes, flow: Flow, framing_error: str | None) -> None:
+        """Transport callback: one message (or keep-alive) from ``flow``."""
+        self.switch.receive(data, flow, self.loop.time(), framing_error=framing_error)
+        self._after_input()
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._timer_at = None
+        self.switch.handle_timer(self.loop.time())
+        self._after_input()
+
+    def _after_input(self) -> None:
+        sw = self.switch
+        send = self.transports.send
+        for out in sw.datagrams_to_send():
+            send(out)
+        action = sw.next_action()
+        if action is not None:
+            offset = self.wall_offset()
+            while action is not None:
+                if self.store is not None:
+                    self.store.apply(action, wall_offset=offset)
+                action = sw.next_action()
+        when = sw.get_timer()
+        if when != self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_at(when, self._on_timer) if when is not None else None
+            self._timer_at = when
+
+    def kick(self) -> None:
+        """Re-arm the timer after state was installed from outside (start-up load)."""
+        self._after_input()
+
+    def close(self) -> None:
+        """Stop the timer."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,136 @@
+"""SQLite state, written off the event loop (ARCHITECTURE.md "Store").
+
+Writes are queued and applied by one writer thread in batched transactions, so the event
+loop never waits on the disk; reads happen at start-up, before the loop serves traffic.
+The store speaks the core's actions (:mod:`softpbx.core.events`) so another engine can sit
+behind the same small interface later.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from importlib import resources
+
+from ..config.schema import Transport
+from ..core.events import Action, Binding, DeleteBinding, SaveBinding
+from ..sip.events import Flow
+
+log = logging.getLogger("softpbx.store")
+
+SCHEMA_VERSION = 1
+_STOP = object()
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10.0)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
+
+
+class SqliteStore:
+    """Registrations (and, as the switch grows, CDRs, recordings, the webhook outbox)."""
+
+    def __init__(self, *, path: str) -> None:
+        self.path = path
+        db = _connect(path)
+        db.executescript(resources.files("softpbx.store").joinpath("schema.sql").read_text())
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.close()
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._writer, name="softpbx-store", daemon=True)
+        self._thread.start()
+
+    # -- reads (start-up) ---------------------------------------------------------------------
+    def load_bindings(self, *, now: float, wall: float) -> list[Binding]:
+        """Unexpired bindings, with ``expires_at`` moved onto the monotonic clock ``now``."""
+        db = _connect(self.path)
+        try:
+            rows = db.execute(
+                "SELECT aor, key, contact, params, expires_at, call_id, cseq, transport, remote_ip,"
+                " remote_port, local_ip, local_port, q, user_agent FROM registrations"
+                " WHERE expires_at > ?", (wall,)).fetchall()
+            db.execute("DELETE FROM registrations WHERE expires_at <= ?", (wall,))
+        finally:
+            db.close()
+        out = []
+        for (aor, key, contact, params, exp, call_id, cseq, transport, rip, rport, lip, lport,
+             q, ua) in rows:
+            try:
+                tr = Transport(transport)
+            except ValueError:
+                continue
+            flow = Flow(tr, (rip, int(rport)), (lip, int(lport)))
+            out.append(Binding(aor=aor, contact=contact, key=key, expires_at=now + (exp - wall),
+                               call_id=call_id, cseq=int(cseq), flow=flow, q=q, user_agent=ua,
+                               params=params))
+        return out
+
+    # -- writes (queued) ----------------------------------------------------------------------
+    def apply(self, action: Action, *, wall_offset: float) -> None:
+        """Queue an action; ``wall_offset`` = wall time minus the monotonic ``now``."""
+        if isinstance(action, SaveBinding):
+            b = action.binding
+            f = b.flow
+            self._queue.put((
+                "INSERT OR REPLACE INTO registrations (aor, key, contact, params, expires_at,"
+                " call_id, cseq, transport, remote_ip, remote_port, local_ip, local_port, q,"
+                " user_agent, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (b.aor, b.key, b.contact, b.params, b.expires_at + wall_offset, b.call_id, b.cseq,
+                 f.transport.value, f.remote[0], f.remote[1], f.local[0], f.local[1], b.q,
+                 b.user_agent, time.time())))
+        elif isinstance(action, DeleteBinding):
+            self._queue.put(("DELETE FROM registrations WHERE aor=? AND key=?",
+                             (action.aor, action.key)))
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Block until everything queued so far is written (tests, shutdown)."""
+        done = threading.Event()
+        self._queue.put(done)
+        return done.wait(timeout)
+
+    def close(self) -> None:
+        """Write what is queued and stop the writer."""
+        self._queue.put(_STOP)
+        self._thread.join(timeout=10.0)
+
+    def _writer(self) -> None:
+        db = _connect(self.path)
+        q = self._queue
+        try:
+            while True:
+                item = q.get()
+                batch = [item]
+                # Group whatever else is already queued into one transaction.
+                while len(batch) < 1000:
+                    try:
+                        batch.append(q.get_nowait())
+                    except queue.Empty:
+                        break
+                stop = False
+                events = []
+                try:
+                    db.execute("BEGIN")
+                    for it in batch:
+                        if it is _STOP:
+                            stop = True
+                        elif isinstance(it, threading.Event):
+                            events.append(it)
+                        else:
+                            sql, args = it  # type: ignore[misc]
+                            db.execute(sql, args)
+                    db.execute("COMMIT")
+                except sqlite3.Error:
+                    log.exception("store write failed; batch of %d dropped", len(batch))
+                    if db.in_transaction:
+                        db.execute("ROLLBACK")
+                for ev in events:
+                    ev.set()
+                if stop:
+                    return
+        finally:
+            db.close()
