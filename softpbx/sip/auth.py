@@ -3,7 +3,7 @@
 * Challenges offer every configured algorithm (``SHA-256`` and ``MD5`` by default), one
   ``WWW-Authenticate`` value each, most preferred first (RFC 8760 §2.4), all with the same
   nonce, ``qop="auth"``.
-* Nonces are stateless: ``<issued-at hex>.<HMAC(secret, issued-at)>``. An expired nonce whose
+* Nonces are stateless: ``<issued-at hex>.<salt>.<HMAC(secret, issued-at.salt)>``. An expired nonce whose
   response is otherwise right gets a new challenge with ``stale=true``.
 * ``nc`` replays are refused: the highest ``nc`` seen per nonce is kept until the nonce expires.
 * RFC 2069 responses (no ``qop``) are accepted, as many phones send them.
@@ -135,8 +135,12 @@ class DigestAuthenticator:
 
     # -- challenges ---------------------------------------------------------------------------
     def nonce(self, now: float) -> str:
-        """A fresh stateless nonce for time ``now``."""
-        stamp = f"{int(now * 1000):x}"
+        """A fresh stateless nonce for time ``now``: ``<ms hex>.<salt>.<mac>``.
+
+        The random salt keeps two challenges issued in the same millisecond apart, so that
+        ``nc`` replay tracking per nonce never mistakes two phones for one.
+        """
+        stamp = f"{int(now * 1000):x}.{secrets.token_hex(6)}"
         mac = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{stamp}.{mac}"
 
@@ -149,14 +153,14 @@ class DigestAuthenticator:
 
     def _nonce_age(self, nonce: str, now: float) -> float | None:
         """Age of one of our nonces, or ``None`` when we did not issue it."""
-        stamp, dot, mac = nonce.partition(".")
-        if not dot or not stamp or len(stamp) > 16:
+        stamp, dot, mac = nonce.rpartition(".")
+        if not dot or not stamp or len(stamp) > 40:
             return None
         want = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
         if not hmac.compare_digest(want, mac):
             return None
         try:
-            issued = int(stamp, 16) / 1000.0
+            issued = int(stamp.partition(".")[0], 16) / 1000.0
         except ValueError:
             return None
         return now - issued

@@ -25,12 +25,12 @@ _VERSION_RE = re.compile(r"SIP/\d+\.\d+\Z", re.I)
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
 
 
-def header_end(data: bytes) -> tuple[int, int]:
+def header_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
     """(index of the blank line, length of the separator) or (-1, 0)."""
-    i = data.find(b"\r\n\r\n")
+    i = data.find(b"\r\n\r\n", start)
     if i >= 0:
         return i, 4
-    i = data.find(b"\n\n")
+    i = data.find(b"\n\n", start)
     if i >= 0:
         return i, 2
     return -1, 0
@@ -51,7 +51,7 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
     start = 0
     while data.startswith(b"\r\n", start):
         start += 2
-    end, sep = header_end(data)
+    end, sep = header_end(data, start)
     if end < 0 and complete and data.endswith(b"\n"):
         # Liberal: a datagram whose last header line lacks the empty line after it.
         sep = 4 if data.endswith(b"\r\n") else 2
@@ -66,13 +66,16 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
     first = lines[0]
     headers: list[tuple[str, str]] = []
     index: dict[str, list[str]] = {}
+    line_error: SipError | None = None
     for line in lines[1:]:
         colon = line.find(":")
         if colon <= 0:
-            raise ParseError("Malformed header line")
+            line_error = line_error or ParseError("Malformed header line")
+            continue  # keep reading: the answer still needs Via, From, To, Call-ID, CSeq
         name = line[:colon].rstrip(" \t")
         if not TOKEN_RE.match(name):
-            raise ParseError("Malformed header name")
+            line_error = line_error or ParseError("Malformed header name")
+            continue
         value = line[colon + 1 :].strip(" \t")
         headers.append((name, value))
         lname = full_name(name)
@@ -136,6 +139,8 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
                 raise ParseError(f"Multiple {canonical_name(name)} values")
         if start_error is not None:
             raise start_error
+        if line_error is not None:
+            raise line_error
         cseq = msg.cseq
         if isinstance(msg, Request):
             if cseq.method != msg.method:
