@@ -37,13 +37,21 @@ class SwitchDriver:
 
     def receive(self, data: bytes, flow: Flow, framing_error: str | None) -> None:
         """Transport callback: one message (or keep-alive) from ``flow``."""
-        self.switch.receive(data, flow, self.loop.time(), framing_error=framing_error)
+        try:
+            self.switch.receive(data, flow, self.loop.time(), framing_error=framing_error)
+        except Exception:
+            # Protocol errors never get here (the core answers them); this is a bug in softpbx.
+            # Log it with its traceback and keep serving everyone else.
+            log.exception("internal error handling %d bytes from %s", len(data), flow)
         self._after_input()
 
     def _on_timer(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.switch.handle_timer(self.loop.time())
+        try:
+            self.switch.handle_timer(self.loop.time())
+        except Exception:
+            log.exception("internal error in a timer")
         self._after_input()
 
     def _after_input(self) -> None:
