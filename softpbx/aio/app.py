@@ -4,6 +4,7 @@ everything together and owns the event loop)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -64,6 +65,10 @@ class Server:
             await site.start()
             log.info("HTTP listening on http://%s:%d", cfg.http.http_ip, cfg.http.http_port)
         self._housekeeping = loop.create_task(self._housekeep())
+        # Everything built so far (config, tables, modules) lives as long as the process:
+        # keep it out of every future collection.
+        gc.collect()
+        gc.freeze()
 
     async def _housekeep(self) -> None:
         loop = asyncio.get_running_loop()

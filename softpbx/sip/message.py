@@ -45,6 +45,9 @@ REASONS = {
 }
 
 
+_CL_NAMES = frozenset({"Content-Length", "l", "content-length"})
+
+
 def full_name(name: str) -> str:
     """Lower-cased full header name for any spelling or compact form."""
     lname = name.lower()
@@ -83,7 +86,10 @@ class Message:
 
     def get(self, name: str) -> str | None:
         """The first raw value of header ``name`` (any case, compact form allowed)."""
-        lst = self._idx().get(full_name(name))
+        idx = self._idx()
+        lst = idx.get(name)  # fast path: the core asks with lower-cased full names
+        if lst is None:
+            lst = idx.get(full_name(name))
         return lst[0] if lst else None
 
     def get_all(self, name: str) -> list[str]:
@@ -106,6 +112,12 @@ class Message:
         return full_name(name) in self._idx()
 
     def _changed(self) -> None:
+        self._index = None
+        self._cache.clear()
+
+    def shrink(self) -> None:
+        """Drop the index and parsed fields (rebuilt on demand): a message kept only in case
+        it is needed again should not weigh on memory and the garbage collector."""
         self._index = None
         self._cache.clear()
 
@@ -231,7 +243,7 @@ class Message:
         body = self.body
         seen_cl = False
         for name, value in self.headers:
-            if full_name(name) == "content-length":
+            if name in _CL_NAMES or (len(name) in (1, 14) and full_name(name) == "content-length"):
                 if seen_cl:
                     continue
                 seen_cl = True
@@ -299,21 +311,18 @@ def make_response(request: Request, status: int, reason: str | None = None, *,
                   body: bytes = b"") -> Response:
     """Build a response to ``request`` (RFC 3261 §8.2.6.2): Via, From, To, Call-ID, CSeq
     copied; a To tag added when given and the request's To has none."""
-    out: list[tuple[str, str]] = []
-    for name, value in request.headers:
-        lname = full_name(name)
-        if lname == "via":
-            out.append(("Via", value))
-        elif lname == "from":
-            out.append(("From", value))
-        elif lname == "to":
-            if to_tag is not None and status > 100 and "tag" not in request.to.params:
-                value = f"{value};tag={to_tag}"
-            out.append(("To", value))
-        elif lname == "call-id":
-            out.append(("Call-ID", value))
-        elif lname == "cseq":
-            out.append(("CSeq", value))
+    idx = request._idx()
+    out: list[tuple[str, str]] = [("Via", v) for v in idx.get("via", ())]
+    for v in idx.get("from", ()):
+        out.append(("From", v))
+    for v in idx.get("to", ()):
+        if to_tag is not None and status > 100 and "tag" not in request.to.params:
+            v = f"{v};tag={to_tag}"
+        out.append(("To", v))
+    for v in idx.get("call-id", ()):
+        out.append(("Call-ID", v))
+    for v in idx.get("cseq", ()):
+        out.append(("CSeq", v))
     if headers:
         out.extend(headers)
     return Response(status, reason, out, body)

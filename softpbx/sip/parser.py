@@ -17,8 +17,8 @@ from __future__ import annotations
 import re
 
 from .errors import ParseError, SipError, VersionError
-from .headers import SINGLE_HEADERS, TOKEN_RE, canonical_name, parse_uint
-from .message import Message, Request, Response, full_name
+from .headers import COMPACT, SINGLE_HEADERS, TOKEN_RE, canonical_name, parse_uint
+from .message import Message, Request, Response
 
 _FOLD_RE = re.compile(r"\r?\n[ \t]+")
 _VERSION_RE = re.compile(r"SIP/\d+\.\d+\Z", re.I)
@@ -78,7 +78,9 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
             continue
         value = line[colon + 1 :].strip(" \t")
         headers.append((name, value))
-        lname = full_name(name)
+        lname = name.lower()
+        if len(lname) == 1:
+            lname = COMPACT.get(lname, lname)
         lst = index.get(lname)
         if lst is None:
             index[lname] = [value]

@@ -199,6 +199,10 @@ class ServerTransaction(Transaction):
             if reliable:
                 self._set_state(S.TERMINATED)
             else:
+                # Timer J keeps us 32 s only to absorb retransmissions: hold the bytes, not
+                # the parsed objects (tens of thousands of these live at high rates).
+                self.request.shrink()
+                response.shrink()
                 self._arm("J", now, 64 * self.host.t1)
 
     def on_timer(self, name: str, now: float) -> None:
