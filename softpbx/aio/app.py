@@ -4,21 +4,26 @@ everything together and owns the event loop)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
+import ipaddress
 import logging
 import os
+import resource
 import signal
+import socket
 import sys
 import time
 
 from aiohttp import web
 
-from ..config.loader import resolve_path
+from ..config.loader import resolve_path, split_host_port
 from ..config.schema import Config
 from ..core.switch import Switch
 from ..http.app import make_app
 from ..store.sqlite import SqliteStore
 from .driver import SwitchDriver
+from .rtp_transport import RtpRelay
 
 log = logging.getLogger("softpbx")
 
@@ -32,6 +37,7 @@ class Server:
         self.store: SqliteStore | None = None
         self.driver: SwitchDriver | None = None
         self.http_runner: web.AppRunner | None = None
+        self.relay: RtpRelay | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -44,6 +50,10 @@ class Server:
         bindings = self.store.load_bindings(now=loop.time(), wall=time.time())
         self.switch.load_bindings(bindings)
         log.info("store %s: %d registrations restored", db_path, len(bindings))
+        _raise_nofile_limit()
+        self.relay = RtpRelay(settings=cfg.media, loop=loop)
+        self.switch.relay = self.relay
+        await self._resolve_gateways(loop)
         self.driver = SwitchDriver(switch=self.switch, store=self.store, loop=loop)
         seen: set[tuple[str, int]] = set()
         for profile in (cfg.internal, cfg.external):
@@ -57,7 +67,7 @@ class Server:
                 log.info("%s (profile %s)", line, profile.name)
         self.driver.kick()
         if cfg.http.http_port:
-            app = make_app(switch=self.switch, clock=loop.time)
+            app = make_app(switch=self.switch, clock=loop.time, cdr_fetch=self.store.recent_cdrs)
             self.http_runner = web.AppRunner(app, access_log=None)
             await self.http_runner.setup()
             site = web.TCPSite(self.http_runner, cfg.http.http_ip, cfg.http.http_port,
@@ -69,6 +79,20 @@ class Server:
         # keep it out of every future collection.
         gc.collect()
         gc.freeze()
+
+    async def _resolve_gateways(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Gateways named by host name are resolved once at start-up."""
+        for gw in self.config.gateways:
+            host, port = split_host_port(gw.proxy)
+            try:
+                ipaddress.ip_address(host)
+                continue
+            except ValueError:
+                pass
+            infos = await loop.getaddrinfo(host, port or 5060, type=socket.SOCK_DGRAM)
+            ip, p = infos[0][4][0], infos[0][4][1]
+            self.switch.set_gateway_address(gw.name, (ip, p))
+            log.info("gateway %s: %s resolved to %s:%d", gw.name, gw.proxy, ip, p)
 
     async def _housekeep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -89,6 +113,8 @@ class Server:
         if self.driver is not None:
             self.driver.close()
             await self.driver.transports.close()
+        if self.relay is not None:
+            await self.relay.aclose()
         if self.store is not None:
             self.store.close()
         log.info("stopped")
@@ -107,6 +133,14 @@ async def run_forever(config: Config) -> None:
         await stop.wait()
     finally:
         await server.stop()
+
+
+def _raise_nofile_limit() -> None:
+    """Every relayed call holds four UDP sockets: lift the soft file limit to the hard one."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def run(config: Config) -> None:

@@ -734,8 +734,9 @@ def _load_dialplan(root: Path, extensions: set[str], gateways: set[str]) -> Dial
                 _fail(rel, key, f"unknown ring group {rest!r} (no [[ring_group]] named so)")
         elif kind == "gateway" and rest:
             gw, slash, number = rest.partition("/")
-            if not slash or not number:
-                _fail(rel, key, f"invalid destination {dest!r}: use gateway:<name>/<number>")
+            if slash and not number:
+                _fail(rel, key, f"invalid destination {dest!r}: use gateway:<name>/<number>, "
+                                "or gateway:<name> to pass the dialled number on")
             if gw not in gateways:
                 _fail(rel, key, f"unknown gateway {gw!r} (no gateways/{gw}.toml)")
         elif dest not in extensions:

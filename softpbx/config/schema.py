@@ -254,8 +254,9 @@ class InboundRoute:
     did: str
     """Dialled number as the trunk sends it (``74950000000``), or ``*`` for any."""
     destination: str
-    """An extension (``101``), a ring group (``group:sales``) or an outside number through a
-    gateway (``gateway:carrier/+79990000000``)."""
+    """An extension (``101``), a ring group (``group:sales``), an outside number through a
+    gateway (``gateway:carrier/+79990000000``) or the dialled number itself through a gateway
+    (``gateway:carrier``)."""
     no_answer_timeout: int = 0
     """Seconds before the fallback is tried (0 = ``calls.no_answer_timeout``)."""
     fallback: str = ""

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..sip.events import Flow
+
+if TYPE_CHECKING:
+    from .leg import Leg
 
 
 @dataclass(slots=True)
@@ -55,4 +59,106 @@ class DeleteBinding:
     """``Binding.key``."""
 
 
-Action = SaveBinding | DeleteBinding
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One CDR row, written when a call ends."""
+
+    call_id: str
+    """softpbx's id of the call (``in_``/``out_``/``int_`` + 40 hex)."""
+    sip_call_id: str
+    """Call-ID of the caller's leg."""
+    direction: str
+    """``inbound``, ``outbound`` or ``internal``."""
+    caller: str
+    """Caller's number (extension or the trunk's caller ID)."""
+    callee: str
+    """The number dialled."""
+    did: str
+    """The DID for inbound calls, else ""."""
+    extension: str
+    """Extension that answered (or last rang), else ""."""
+    gateway: str
+    """Gateway used, else ""."""
+    started_at: float
+    """Monotonic time the INVITE arrived (the store turns it into wall time)."""
+    answered_at: float | None
+    ended_at: float
+    disposition: str
+    """``answered``, ``busy``, ``cancel``, ``no answer`` or ``failed``."""
+    sip_code: int
+    """Final SIP status of the call (200 when answered)."""
+    cause: str
+    """Why it ended, in words (``caller hung up``, ``RTP timeout`` ...)."""
+
+    @property
+    def duration(self) -> int:
+        """Talk time in whole seconds (0 when not answered)."""
+        if self.answered_at is None:
+            return 0
+        return max(0, int(self.ended_at - self.answered_at + 0.5))
+
+
+@dataclass(frozen=True, slots=True)
+class WriteCdr:
+    """Store a finished call's CDR."""
+
+    record: CallRecord
+
+
+Action = SaveBinding | DeleteBinding | WriteCdr
+
+
+# -- neutral call-control events: what legs tell their call (no SIP in here) -----------------
+@dataclass(frozen=True, slots=True)
+class LegRinging:
+    """The far end is alerting; ``sdp`` is early media's answer, if any."""
+
+    leg: Leg
+    sdp: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LegAnswered:
+    """The far end answered; ``sdp`` is its answer (or offer, for a late-offer call)."""
+
+    leg: Leg
+    sdp: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LegFailed:
+    """The leg ended before being answered."""
+
+    leg: Leg
+    status: int
+    """SIP-style code: 486 busy, 480/408 no answer, 404, 487 cancelled, 503 ..."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LegHungUp:
+    """The party on this leg ended the call (BYE, or CANCEL before the answer)."""
+
+    leg: Leg
+    cause: str
+    """In words, for the CDR."""
+
+
+@dataclass(frozen=True, slots=True)
+class LegOffer:
+    """The party on this leg re-negotiates media (re-INVITE/UPDATE): the call must answer it."""
+
+    leg: Leg
+    sdp: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LegOfferAnswered:
+    """The answer to an offer the call sent on this leg (``status`` >= 300: refused)."""
+
+    leg: Leg
+    status: int
+    sdp: bytes | None
+
+
+LegEvent = LegRinging | LegAnswered | LegFailed | LegHungUp | LegOffer | LegOfferAnswered

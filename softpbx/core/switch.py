@@ -11,6 +11,7 @@ from collections import deque
 
 from ..config.schema import Config, Gateway
 from ..sip.auth import FAILURES, AuthOutcome, DigestAuthenticator
+from ..sip.dialog import Dialog
 from ..sip.errors import ParseError, SipError
 from ..sip.events import (
     CancelReceived,
@@ -25,14 +26,18 @@ from ..sip.message import Request
 from ..sip.stack import SipStack, new_tag
 from ..sip.transaction import ServerTransaction
 from ..sip.uri import split_hostport
-from .events import Action, Binding
+from .call import Call, MediaRelay
+from .events import Action, Binding, WriteCdr
+from .leg import InboundLeg, Leg
 from .registrar import IntervalTooBrief, Registrar
+from .routing import NoRoute, Router
 from .security import FailureTracker
+from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.switch")
 auth_log = logging.getLogger("softpbx.auth")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO"
 """Methods softpbx implements (RFC 3261 §20.5)."""
 KNOWN_METHODS = frozenset({"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO",
                            "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE",
@@ -59,8 +64,17 @@ def gateway_matcher(gateways: tuple[Gateway, ...]) -> dict[tuple[str, int | None
 class Switch:
     """Routes SIP requests to the registrar and (later) to calls."""
 
-    def __init__(self, *, config: Config, auth_secret: bytes | None = None) -> None:
+    def __init__(self, *, config: Config, auth_secret: bytes | None = None,
+                 relay: MediaRelay | None = None) -> None:
         self.config = config
+        self.relay = relay  # type: ignore[assignment]
+        """The media relay (None: calls are refused with 503)."""
+        self.timers = TimerQueue()
+        self.router = Router(config=config)
+        self.calls: dict[str, Call] = {}
+        self._dialogs: dict[tuple[str, str, str], Leg] = {}
+        self._gateways_by_name = {g.name: g for g in config.gateways}
+        self._gateway_addrs: dict[str, tuple[str, int]] = {}
         self.stack = SipStack(settings=config.sip, server_name=config.global_.user_agent)
         secret = auth_secret or (config.auth.secret.encode() if config.auth.secret else None)
         self.auth = DigestAuthenticator(realm=config.global_.domain, secret=secret,
@@ -84,16 +98,64 @@ class Switch:
     def handle_timer(self, now: float) -> None:
         """The shell's one timer fired."""
         self.stack.handle_timer(now)
+        self._drain(now)
+        self.timers.fire(now)
         self._actions.extend(self.registrar.expire(now))
         self._drain(now)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is due next."""
-        a = self.stack.get_timer()
-        b = self.registrar.next_expiry()
-        if a is None:
-            return b
-        return a if b is None else min(a, b)
+        times = [t for t in (self.stack.get_timer(), self.registrar.next_expiry(),
+                             self.timers.next()) if t is not None]
+        return min(times) if times else None
+
+    @property
+    def dialog_count(self) -> int:
+        """Live dialogs (tests assert it returns to zero)."""
+        return len(self._dialogs)
+
+    # -- LegHost / CallHost -------------------------------------------------------------------
+    def contact_for(self, flow: Flow) -> str:
+        """Our Contact for messages on ``flow`` (in-dialog requests must come back to us)."""
+        ip, port = flow.local
+        for profile in (self.config.internal, self.config.external):
+            if profile.ext_sip_ip and (profile.sip_ip, profile.sip_port) == flow.local:
+                ip = profile.ext_sip_ip
+        host = f"[{ip}]" if ":" in ip else ip
+        tp = ";transport=tcp" if flow.reliable else ""
+        return f"<sip:softpbx@{host}:{port}{tp}>"
+
+    def add_dialog(self, dialog: Dialog, leg: Leg) -> None:
+        """Route in-dialog requests of ``dialog`` to ``leg``."""
+        i = dialog.id
+        self._dialogs[(i.call_id, i.local_tag, i.remote_tag)] = leg
+
+    def remove_dialog(self, dialog: Dialog) -> None:
+        """Forget a dialog."""
+        i = dialog.id
+        self._dialogs.pop((i.call_id, i.local_tag, i.remote_tag), None)
+
+    def gateway(self, name: str) -> Gateway:
+        """The gateway called ``name`` (the config guarantees it exists)."""
+        return self._gateways_by_name[name]
+
+    def set_gateway_address(self, name: str, addr: tuple[str, int]) -> None:
+        """The shell resolved a gateway's proxy (a hostname) to ``addr``."""
+        self._gateway_addrs[name] = addr
+
+    def gateway_flow(self, gateway: Gateway) -> Flow:
+        """Where requests to ``gateway`` go, from the external profile's address."""
+        addr = self._gateway_addrs.get(gateway.name)
+        if addr is None:
+            host, port = split_hostport(gateway.proxy)
+            addr = (host.strip("[]"), port or 5060)
+        ext = self.config.external
+        return Flow(gateway.transport, addr, (ext.sip_ip, ext.sip_port))
+
+    def call_ended(self, call: Call, action: WriteCdr) -> None:
+        """A call finished: forget it, store its CDR."""
+        self.calls.pop(call.id, None)
+        self._actions.append(action)
 
     def datagrams_to_send(self) -> list[Outgoing]:
         """Bytes for the transports."""
@@ -119,18 +181,44 @@ class Switch:
         while (ev := stack.next_event()) is not None:
             if isinstance(ev, RequestReceived):
                 if ev.tx is None:
-                    continue  # ACK for a 2xx: no dialogs yet in this layer
+                    self._on_ack(ev.request, now)
+                    continue
                 try:
                     self._on_request(ev.request, ev.tx, ev.flow, now)
                 except SipError as exc:
                     self._refuse(ev.tx, exc, now)
+            elif isinstance(ev, ResponseReceived):
+                leg = ev.tx.user_data
+                if isinstance(leg, Leg):
+                    leg.on_response(ev.response, ev.tx, now)
+            elif isinstance(ev, TransactionTimeout):
+                leg = ev.tx.user_data
+                if isinstance(leg, Leg) and ev.tx.kind in ("ict", "nict"):
+                    leg.on_timeout(ev.tx, now)  # type: ignore[arg-type]
             elif isinstance(ev, MessageRejected):
                 log.warning("rejected message from %s: %s (%s)", ev.flow, ev.reason,
                             ev.status if ev.status else "dropped")
             elif isinstance(ev, CancelReceived):
-                stack.reply(ev.invite_tx, 487, now=now, to_tag=new_tag())
-            elif isinstance(ev, (ResponseReceived, TransactionTimeout)):
-                pass  # no client transactions are started by this layer yet
+                leg = ev.invite_tx.user_data
+                if isinstance(leg, InboundLeg):
+                    leg.on_cancel(now)
+                else:
+                    stack.reply(ev.invite_tx, 487, now=now, to_tag=new_tag())
+
+    def _dialog_leg(self, req: Request) -> Leg | None:
+        to_tag = req.to.tag
+        if not to_tag:
+            return None
+        return self._dialogs.get((req.call_id, to_tag, req.from_.tag or ""))
+
+    def _on_ack(self, req: Request, now: float) -> None:
+        """An ACK outside any INVITE transaction: the ACK for a 2xx (RFC 3261 §13.2.2.4)."""
+        try:
+            leg = self._dialog_leg(req)
+        except SipError:
+            return
+        if isinstance(leg, InboundLeg):
+            leg.on_ack(req, now)
 
     def _refuse(self, tx: ServerTransaction, exc: SipError, now: float) -> None:
         """The one place the core turns a SipError into a response."""
@@ -154,6 +242,13 @@ class Switch:
         unsupported = [t for t in (x.lower() for x in req.values("require")) if t not in SUPPORTED]
         if unsupported and method not in ("CANCEL", "ACK"):
             reply(tx, 420, now=now, to_tag=new_tag(), headers=[("Unsupported", ", ".join(unsupported))])
+            return
+        if req.to.tag:
+            leg = self._dialog_leg(req)
+            if leg is None or leg.ended:
+                reply(tx, 481, now=now)
+            else:
+                leg.on_request(req, tx, now)
             return
         if method == "REGISTER":
             self._on_register(req, tx, flow, now)
@@ -219,12 +314,50 @@ class Switch:
         self.stack.reply(tx, 200, now=now, to_tag=new_tag(), headers=headers)
 
     def _on_invite(self, req: Request, tx: ServerTransaction, flow: Flow, now: float) -> None:
+        """A new call: authenticate its source, route it, hand it to a :class:`Call`."""
+        reply = self.stack.reply
         ct = req.content_type
         if req.body and ct is not None and ct != "application/sdp":
-            self.stack.reply(tx, 415, now=now, to_tag=new_tag(), headers=[("Accept", "application/sdp")])
+            reply(tx, 415, now=now, to_tag=new_tag(), headers=[("Accept", "application/sdp")])
             return
-        if self.gateway_for(flow) is None and self.authenticate(req, tx, flow, now) is None:
+        dialled = req.uri.unescaped_user
+        gateway = self.gateway_for(flow)
+        if gateway is not None:
+            route = self.router.from_gateway(gateway, dialled)
+            frm = req.from_
+            caller_number, caller_name = frm.uri.unescaped_user, frm.display or ""
+            caller_ext = ""
+        else:
+            # Toll-fraud guard: only a digest-authenticated extension gets past this point.
+            user = self.authenticate(req, tx, flow, now)
+            if user is None:
+                return
+            if user not in self.extensions:
+                reply(tx, 403, now=now, to_tag=new_tag())
+                return
+            ext = self.extensions[user]
+            route = self.router.from_extension(user, dialled)
+            caller_number = ext.effective_caller_id_number or ext.id
+            caller_name = ext.effective_caller_id_name
+            caller_ext = user
+        if isinstance(route, NoRoute):
+            log.info("no route for %r from %s: %d", dialled, flow, route.status)
+            reply(tx, route.status, route.reason, now=now, to_tag=new_tag())
             return
-        # Calls (B2BUA legs, routing, media) are the next layer; until it exists no INVITE
-        # is routed anywhere.
-        self.stack.reply(tx, 480, now=now, to_tag=new_tag())
+        mf = req.max_forwards
+        if mf is not None and mf <= 0:
+            reply(tx, 483, now=now, to_tag=new_tag())
+            return
+        if self.relay is None:
+            reply(tx, 503, now=now, to_tag=new_tag())
+            return
+        call = Call(host=self, tx=tx, flow=flow, route=route, now=now,
+                    caller_number=caller_number, caller_name=caller_name,
+                    caller_extension=caller_ext, from_gateway=gateway.name if gateway else "")
+        self.calls[call.id] = call
+        log.info("call %s: %s %s -> %s from %s", call.id, route.direction.value,
+                 caller_number, dialled, flow)
+        call.start(now)
+
+
+

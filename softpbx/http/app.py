@@ -3,6 +3,7 @@ console join it as the switch grows. Every error answer is JSON."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -13,6 +14,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SWITCH_KEY: web.AppKey[Switch] = web.AppKey("switch", Switch)
 CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock", Callable[[], float])
+CDR_KEY: web.AppKey[Callable[[int], list[dict[str, object]]]] = web.AppKey(
+    "cdr", Callable[[int], list[dict[str, object]]])
 
 
 @web.middleware
@@ -31,11 +34,40 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 async def status(request: web.Request) -> web.Response:
     """``GET /api/status``: counts an operator or a test looks at."""
     sw = request.app[SWITCH_KEY]
+    relay = sw.relay
     return web.json_response({
         "extensions": len(sw.extensions),
         "registrations": sw.registrar.binding_count,
         "transactions": sw.stack.transaction_count,
+        "calls": len(sw.calls),
+        "dialogs": sw.dialog_count,
+        "media_sessions": getattr(relay, "session_count", 0),
+        "rtp_ports": getattr(relay, "ports_in_use", 0),
     })
+
+
+async def calls(request: web.Request) -> web.Response:
+    """``GET /api/calls``: calls in progress."""
+    sw = request.app[SWITCH_KEY]
+    now = request.app[CLOCK_KEY]()
+    out = [{"id": c.id, "state": c.state.value, "direction": c.route.direction.value,
+            "caller": c.caller_number, "dialled": c.route.dialled,
+            "age": round(now - c.created_at, 1)} for c in sw.calls.values()]
+    return web.json_response({"calls": out})
+
+
+async def cdrs(request: web.Request) -> web.Response:
+    """``GET /api/cdr?limit=N``: the newest call records."""
+    fetch = request.app[CDR_KEY]
+    try:
+        limit = int(request.query.get("limit", "50"))
+    except ValueError:
+        raise web.HTTPBadRequest(reason="limit must be an integer") from None
+    if not 1 <= limit <= 1000:
+        raise web.HTTPBadRequest(reason="limit must be between 1 and 1000")
+    loop = asyncio.get_running_loop()
+    rows = await loop.run_in_executor(None, fetch, limit)
+    return web.json_response({"cdr": rows})
 
 
 async def registrations(request: web.Request) -> web.Response:
@@ -50,11 +82,15 @@ async def registrations(request: web.Request) -> web.Response:
     return web.json_response({"registrations": out})
 
 
-def make_app(*, switch: Switch, clock: Callable[[], float]) -> web.Application:
+def make_app(*, switch: Switch, clock: Callable[[], float],
+             cdr_fetch: Callable[[int], list[dict[str, object]]]) -> web.Application:
     """The aiohttp application."""
     app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
     app[SWITCH_KEY] = switch
     app[CLOCK_KEY] = clock
+    app[CDR_KEY] = cdr_fetch
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/registrations", registrations)
+    app.router.add_get("/api/calls", calls)
+    app.router.add_get("/api/cdr", cdrs)
     return app

@@ -236,3 +236,37 @@ class DigestAuthenticator:
         while order and order[0][0] < horizon:
             _, nonce = order.popleft()
             self._nc.pop(nonce, None)
+
+
+def client_authorization(challenge: str, *, method: str, uri: str, username: str, password: str,
+                         cnonce: str, nc: int = 1) -> str | None:
+    """Credentials answering one ``WWW-Authenticate``/``Proxy-Authenticate`` value (UAC side).
+
+    Returns ``None`` for a challenge we cannot answer (not Digest, unknown algorithm or qop).
+    """
+    try:
+        scheme, p = parse_credentials(challenge)
+    except ParseError:
+        return None
+    alg = p.get("algorithm", "MD5").upper()
+    if scheme.lower() != "digest" or alg not in _HASHES:
+        return None
+    realm = p.get("realm", "")
+    nonce = p.get("nonce", "")
+    qops = [q.strip().lower() for q in p.get("qop", "").split(",") if q.strip()]
+    key = ha1(alg, username, realm, password)
+    ha2 = h(alg, f"{method}:{uri}")
+    parts = [f'username="{username}"', f'realm="{realm}"', f'nonce="{nonce}"', f'uri="{uri}"']
+    if qops:
+        if "auth" not in qops:
+            return None
+        ncs = f"{nc:08x}"
+        resp = h(alg, f"{key}:{nonce}:{ncs}:{cnonce}:auth:{ha2}")
+        parts += [f'response="{resp}"', f"algorithm={alg}", f'cnonce="{cnonce}"', "qop=auth",
+                  f"nc={ncs}"]
+    else:
+        resp = h(alg, f"{key}:{nonce}:{ha2}")
+        parts += [f'response="{resp}"', f"algorithm={alg}"]
+    if "opaque" in p:
+        parts.append(f'opaque="{p["opaque"]}"')
+    return "Digest " + ", ".join(parts)

@@ -18,3 +18,22 @@ CREATE TABLE IF NOT EXISTS registrations (
     PRIMARY KEY (aor, key)
 );
 CREATE INDEX IF NOT EXISTS registrations_expiry ON registrations (expires_at);
+
+CREATE TABLE IF NOT EXISTS cdr (
+    call_id      TEXT PRIMARY KEY,  -- softpbx id: in_/out_/int_ + 40 hex
+    sip_call_id  TEXT NOT NULL,     -- Call-ID of the caller's leg
+    direction    TEXT NOT NULL,     -- inbound | outbound | internal
+    caller       TEXT NOT NULL,
+    callee       TEXT NOT NULL,     -- number dialled
+    did          TEXT NOT NULL,     -- DID of an inbound call, else ''
+    extension    TEXT NOT NULL,     -- extension that answered (or last rang), else ''
+    gateway      TEXT NOT NULL,     -- trunk used, else ''
+    started_at   REAL NOT NULL,     -- Unix times
+    answered_at  REAL,
+    ended_at     REAL NOT NULL,
+    duration     INTEGER NOT NULL,  -- talk time, seconds
+    disposition  TEXT NOT NULL,     -- answered | busy | cancel | no answer | failed
+    sip_code     INTEGER NOT NULL,
+    cause        TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at);

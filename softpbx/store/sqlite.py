@@ -16,12 +16,12 @@ import time
 from importlib import resources
 
 from ..config.schema import Transport
-from ..core.events import Action, Binding, DeleteBinding, SaveBinding
+from ..core.events import Action, Binding, DeleteBinding, SaveBinding, WriteCdr
 from ..sip.events import Flow
 
 log = logging.getLogger("softpbx.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _STOP = object()
 
 
@@ -70,6 +70,16 @@ class SqliteStore:
                                params=params))
         return out
 
+    def recent_cdrs(self, limit: int = 50) -> list[dict[str, object]]:
+        """The newest CDRs as dicts (operator API, tests)."""
+        db = _connect(self.path)
+        try:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM cdr ORDER BY started_at DESC LIMIT ?", (limit,))
+            return [dict(r) for r in rows]
+        finally:
+            db.close()
+
     # -- writes (queued) ----------------------------------------------------------------------
     def apply(self, action: Action, *, wall_offset: float) -> None:
         """Queue an action; ``wall_offset`` = wall time minus the monotonic ``now``."""
@@ -83,6 +93,16 @@ class SqliteStore:
                 (b.aor, b.key, b.contact, b.params, b.expires_at + wall_offset, b.call_id, b.cseq,
                  f.transport.value, f.remote[0], f.remote[1], f.local[0], f.local[1], b.q,
                  b.user_agent, time.time())))
+        elif isinstance(action, WriteCdr):
+            r = action.record
+            self._queue.put((
+                "INSERT OR REPLACE INTO cdr (call_id, sip_call_id, direction, caller, callee, did,"
+                " extension, gateway, started_at, answered_at, ended_at, duration, disposition,"
+                " sip_code, cause) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (r.call_id, r.sip_call_id, r.direction, r.caller, r.callee, r.did, r.extension,
+                 r.gateway, r.started_at + wall_offset,
+                 None if r.answered_at is None else r.answered_at + wall_offset,
+                 r.ended_at + wall_offset, r.duration, r.disposition, r.sip_code, r.cause)))
         elif isinstance(action, DeleteBinding):
             self._queue.put(("DELETE FROM registrations WHERE aor=? AND key=?",
                              (action.aor, action.key)))

@@ -448,8 +448,8 @@ BROKEN = [
         "gateway",
     ),
     (
-        "gateway dest no number",
-        {DP: dialplan(inbound='did = "1"\ndestination = "gateway:carrier"')},
+        "gateway dest empty number",
+        {DP: dialplan(inbound='did = "1"\ndestination = "gateway:carrier/"')},
         DP,
         "inbound[0].destination",
         "gateway:<name>/<number>",

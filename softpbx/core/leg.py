@@ -1,0 +1,395 @@
+"""B2BUA legs: one SIP dialog each, translated into neutral call-control events.
+
+A :class:`Call` commands legs (``ring``, ``answer``, ``reject``, ``cancel``, ``hangup``,
+``offer``, ``answer_offer``) and receives :mod:`.events` ``Leg*`` events from them; it never
+sees a SIP message. Legs talk SIP through the :class:`LegHost` (the switch): the stack, the
+dialog table, the timer queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from enum import Enum
+from typing import TYPE_CHECKING, Protocol
+
+from ..sip.auth import client_authorization
+from ..sip.dialog import Dialog
+from ..sip.events import Flow
+from ..sip.message import Request, Response
+from ..sip.stack import SipStack, new_tag
+from ..sip.transaction import ClientTransaction, ServerTransaction
+from .events import (
+    LegAnswered,
+    LegEvent,
+    LegFailed,
+    LegHungUp,
+    LegOffer,
+    LegOfferAnswered,
+    LegRinging,
+)
+from .timers import TimerQueue
+
+if TYPE_CHECKING:
+    from .call import Call
+
+log = logging.getLogger("softpbx.leg")
+
+SDP = "application/sdp"
+
+
+class LegHost(Protocol):
+    """What legs need from the switch."""
+
+    stack: SipStack
+    timers: TimerQueue
+
+    def contact_for(self, flow: Flow) -> str: ...
+    def add_dialog(self, dialog: Dialog, leg: Leg) -> None: ...
+    def remove_dialog(self, dialog: Dialog) -> None: ...
+
+
+class LegState(Enum):
+    """Where a leg is in its life."""
+
+    CALLING = "calling"        # INVITE sent / received, no answer yet
+    EARLY = "early"            # a provisional with a To tag
+    ANSWERED = "answered"      # 2xx sent/received
+    ENDED = "ended"
+
+
+class Leg:
+    """Common part of both leg kinds."""
+
+    def __init__(self, *, host: LegHost, call: Call, flow: Flow, label: str) -> None:
+        self.host = host
+        self.call = call
+        self.flow = flow
+        """Where this leg's SIP goes (NAT-real address of the phone, or the trunk)."""
+        self.label = label
+        """``a`` for the caller's leg, ``b1``, ``b2`` ... for the callee forks."""
+        self.state = LegState.CALLING
+        self.dialog: Dialog | None = None
+        self.timers: dict[str, int] = {}
+        self._offer_tx: ClientTransaction | None = None
+        self._offer_from_peer: ServerTransaction | None = None
+        self.extension = ""
+        """Extension behind this leg, when it is a phone."""
+        self.gateway = ""
+        """Gateway behind this leg, when it is a trunk."""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the leg is over."""
+        return self.state is LegState.ENDED
+
+    def _emit(self, event: LegEvent, now: float) -> None:
+        self.call.handle(event, now)
+
+    def _finish(self) -> None:
+        if self.state is LegState.ENDED:
+            return
+        self.state = LegState.ENDED
+        self.timers.clear()
+        if self.dialog is not None:
+            self.host.remove_dialog(self.dialog)
+
+    def _send_bye(self, now: float) -> None:
+        if self.dialog is None:
+            return
+        bye = self.dialog.request("BYE")
+        tx = self.host.stack.send_request(bye, self.flow, now)
+        tx.user_data = self
+
+    # -- in-dialog requests from the party on this leg -------------------------------------
+    def on_request(self, req: Request, tx: ServerTransaction, now: float) -> None:
+        """An in-dialog request from this leg's party."""
+        stack = self.host.stack
+        assert self.dialog is not None
+        self.dialog.accept_request(req)
+        method = req.method
+        if method == "BYE":
+            stack.reply(tx, 200, now=now)
+            if self._offer_from_peer is not None:
+                stack.reply(self._offer_from_peer, 487, now=now)
+            self._finish()
+            self._emit(LegHungUp(self, "BYE from " + self.label), now)
+        elif method in ("INVITE", "UPDATE"):
+            if self._offer_from_peer is not None or self._offer_tx is not None:
+                stack.reply(tx, 491, now=now)  # RFC 3261 §14.2 glare
+                return
+            self._offer_from_peer = tx
+            tx.user_data = self
+            self._emit(LegOffer(self, req.body or None), now)
+        elif method in ("OPTIONS", "INFO", "NOTIFY"):
+            stack.reply(tx, 200, now=now)
+        else:
+            stack.reply(tx, 405, now=now, headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO")])
+
+    def answer_offer(self, status: int, sdp: bytes | None, now: float) -> None:
+        """Answer the re-INVITE/UPDATE this leg's party sent (see :class:`LegOffer`)."""
+        tx = self._offer_from_peer
+        if tx is None:
+            return
+        self._offer_from_peer = None
+        headers = [("Contact", self.host.contact_for(self.flow))]
+        if sdp:
+            headers.append(("Content-Type", SDP))
+        self.host.stack.reply(tx, status, now=now, headers=headers, body=sdp or b"")
+
+    def offer(self, sdp: bytes | None, now: float) -> None:
+        """Send a re-INVITE to this leg's party (the other party re-negotiated)."""
+        if self.dialog is None or self.state is not LegState.ANSWERED or self._offer_tx is not None:
+            self._emit(LegOfferAnswered(self, 491, None), now)
+            return
+        req = self.dialog.request("INVITE", body=sdp or b"",
+                                  extra=[("Contact", self.host.contact_for(self.flow))])
+        tx = self.host.stack.send_request(req, self.flow, now)
+        tx.user_data = self
+        self._offer_tx = tx
+
+    def _on_offer_response(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        if resp.status < 200:
+            return
+        if resp.status < 300:
+            assert self.dialog is not None
+            ack = self.dialog.ack(tx.request.cseq.number)
+            self.host.stack.send_stateless(self._with_via(ack, now), self.flow)
+            if self._offer_tx is not tx:
+                return  # a retransmitted 2xx: the ACK above was all it needed
+        if self._offer_tx is tx:
+            self._offer_tx = None
+            self._emit(LegOfferAnswered(self, resp.status, resp.body or None), now)
+
+    def _with_via(self, req: Request, now: float) -> Request:
+        local = self.flow.local
+        host = f"[{local[0]}]" if ":" in local[0] else local[0]
+        req.add_first("Via", f"SIP/2.0/{self.flow.transport.value.upper()} {host}:{local[1]};"
+                             f"branch=z9hG4bK{secrets.token_hex(10)};rport")
+        return req
+
+    def on_response(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        """A response to a request this leg sent (a re-INVITE; BYE answers need nothing)."""
+        if tx.method == "INVITE":
+            self._on_offer_response(resp, tx, now)
+
+    def on_timeout(self, tx: ClientTransaction, now: float) -> None:
+        """A request this leg sent got no answer."""
+        if tx is self._offer_tx:
+            self._offer_tx = None
+            self._emit(LegOfferAnswered(self, 408, None), now)
+
+    def on_timer(self, name: str, now: float) -> None:
+        """A timer of this leg fired."""
+
+
+class InboundLeg(Leg):
+    """The caller's leg: softpbx is the UAS of its INVITE."""
+
+    def __init__(self, *, host: LegHost, call: Call, tx: ServerTransaction, flow: Flow) -> None:
+        super().__init__(host=host, call=call, flow=flow, label="a")
+        self.tx = tx
+        tx.user_data = self
+        self.request = tx.request
+        self.local_tag = new_tag()
+        self._ringing_sent = False
+        self._early_sdp_sent = False
+        self._pending_2xx: bytes | None = None
+        self._interval = 0.0
+
+    @property
+    def initial_sdp(self) -> bytes | None:
+        """The caller's SDP offer, if the INVITE had one."""
+        return self.request.body or None
+
+    def ring(self, sdp: bytes | None, now: float) -> None:
+        """Tell the caller the callee is alerting (180, or 183 with early media)."""
+        if self.state is LegState.ENDED or self.tx.final_sent:
+            return
+        if sdp is not None and not self._early_sdp_sent:
+            self._early_sdp_sent = True
+            self._provisional(183, sdp, now)
+        elif not self._ringing_sent and not self._early_sdp_sent:
+            self._ringing_sent = True
+            self._provisional(180, None, now)
+
+    def _provisional(self, status: int, sdp: bytes | None, now: float) -> None:
+        headers = [("Contact", self.host.contact_for(self.flow))]
+        if sdp:
+            headers.append(("Content-Type", SDP))
+        self.host.stack.reply(self.tx, status, now=now, to_tag=self.local_tag, headers=headers,
+                              body=sdp or b"")
+        self.state = LegState.EARLY
+
+    def answer(self, sdp: bytes | None, now: float) -> None:
+        """Send the 2xx and keep re-sending it until the ACK (RFC 3261 §13.3.1.4)."""
+        if self.state is LegState.ENDED or self.tx.final_sent:
+            return
+        headers = [("Contact", self.host.contact_for(self.flow))]
+        if sdp:
+            headers.append(("Content-Type", SDP))
+        resp = self.host.stack.reply(self.tx, 200, now=now, to_tag=self.local_tag,
+                                     headers=headers, body=sdp or b"")
+        self.dialog = Dialog.as_uas(self.request, self.local_tag)
+        self.host.add_dialog(self.dialog, self)
+        self.state = LegState.ANSWERED
+        if not self.flow.reliable:
+            self._pending_2xx = resp.serialize()
+            self._interval = self.host.stack.t1
+            self.host.timers.schedule(self, "2xx", now + self._interval)
+        self.host.timers.schedule(self, "no_ack", now + 64 * self.host.stack.t1)
+
+    def reject(self, status: int, reason: str | None, now: float) -> None:
+        """Refuse the call with a final response."""
+        if self.state is LegState.ENDED:
+            return
+        if not self.tx.final_sent:
+            self.host.stack.reply(self.tx, status, reason, now=now, to_tag=self.local_tag)
+        self._finish()
+
+    def hangup(self, now: float) -> None:
+        """End the caller's leg: BYE when answered, else ``487 Request Terminated``."""
+        if self.state is LegState.ANSWERED:
+            self._send_bye(now)
+            self._finish()
+        else:
+            self.reject(487, None, now)
+
+    def on_cancel(self, now: float) -> None:
+        """The caller sent CANCEL (the stack already answered it 200)."""
+        if self.state in (LegState.ANSWERED, LegState.ENDED):
+            return
+        self.host.stack.reply(self.tx, 487, now=now, to_tag=self.local_tag)
+        self._finish()
+        self._emit(LegHungUp(self, "caller cancelled"), now)
+
+    def on_ack(self, req: Request, now: float) -> None:
+        """The ACK for our 2xx (initial or re-INVITE) arrived."""
+        self._pending_2xx = None
+        TimerQueue.cancel(self, "2xx")
+        TimerQueue.cancel(self, "no_ack")
+
+    def on_timer(self, name: str, now: float) -> None:
+        if name == "2xx" and self._pending_2xx is not None:
+            self.host.stack._send(self.flow, self._pending_2xx)
+            self._interval = min(2 * self._interval, self.host.stack.t2)
+            self.host.timers.schedule(self, "2xx", now + self._interval)
+        elif name == "no_ack" and self.state is LegState.ANSWERED:
+            # RFC 3261 §13.3.1.4: no ACK within 64*T1: end the dialog with a BYE.
+            TimerQueue.cancel(self, "2xx")
+            self._pending_2xx = None
+            self._send_bye(now)
+            self._finish()
+            self._emit(LegHungUp(self, "no ACK from caller"), now)
+
+
+class OutboundLeg(Leg):
+    """A leg softpbx places: the UAC of an INVITE to a phone binding or a trunk."""
+
+    def __init__(self, *, host: LegHost, call: Call, flow: Flow, label: str, request: Request,
+                 credentials: tuple[str, str] | None = None) -> None:
+        super().__init__(host=host, call=call, flow=flow, label=label)
+        self.request = request
+        """The INVITE as sent (without Via; the stack adds one per transaction)."""
+        self.credentials = credentials
+        """(username, password) for the far end's 401/407 challenges (trunks)."""
+        self.invite_tx: ClientTransaction | None = None
+        self._auth_tries = 0
+        self._cancelled = False
+
+    def start(self, now: float) -> None:
+        """Send the INVITE."""
+        self.invite_tx = self.host.stack.send_request(self.request, self.flow, now)
+        self.invite_tx.user_data = self
+
+    def cancel(self, now: float) -> None:
+        """Stop ringing this leg (a CANCEL now, or when its first provisional arrives)."""
+        if self.state in (LegState.ENDED, LegState.ANSWERED) or self._cancelled:
+            return
+        self._cancelled = True
+        if self.invite_tx is not None:
+            self.host.stack.cancel(self.invite_tx, now)
+
+    def hangup(self, now: float) -> None:
+        """End the leg: BYE when answered, CANCEL while ringing."""
+        if self.state is LegState.ANSWERED:
+            self._send_bye(now)
+            self._finish()
+        else:
+            self.cancel(now)
+
+    def on_response(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        if tx is not self.invite_tx or tx.method != "INVITE":
+            super().on_response(resp, tx, now)
+            return
+        status = resp.status
+        if status < 200:
+            if status == 100 or self.state is LegState.ENDED:
+                return
+            if resp.to.tag and self.state is LegState.CALLING:
+                self.state = LegState.EARLY
+            if not self._cancelled:
+                self._emit(LegRinging(self, resp.body or None), now)
+            return
+        if status < 300:
+            self._on_2xx(resp, tx, now)
+            return
+        if status in (401, 407) and self._retry_with_credentials(resp, now):
+            return
+        if self.state is LegState.ENDED:
+            return
+        self._finish()
+        if not self._cancelled:  # a cancelled leg's 487 interests nobody
+            self._emit(LegFailed(self, status, resp.reason), now)
+
+    def _on_2xx(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        if self.dialog is None:
+            self.dialog = Dialog.as_uac(tx.request, resp)
+        ack = self._with_via(self.dialog.ack(tx.request.cseq.number), now)
+        self.host.stack.send_stateless(ack, self.flow)
+        if self.state is LegState.ANSWERED:
+            return  # a retransmitted 2xx: re-ACKed above
+        if self.state is LegState.ENDED or self._cancelled:
+            # Answered after we gave up on it (a fork that lost the race, a CANCEL that
+            # crossed the 200): ACK it, then end it at once.
+            self._send_bye(now)
+            self._finish()
+            return
+        self.state = LegState.ANSWERED
+        self.host.add_dialog(self.dialog, self)
+        self._emit(LegAnswered(self, resp.body or None), now)
+
+    def _retry_with_credentials(self, resp: Response, now: float) -> bool:
+        """Answer the trunk's challenge once (RFC 3261 §22.2)."""
+        if self.credentials is None or self._auth_tries >= 1 or self._cancelled:
+            return False
+        header = "www-authenticate" if resp.status == 401 else "proxy-authenticate"
+        answer_header = "Authorization" if resp.status == 401 else "Proxy-Authorization"
+        user, password = self.credentials
+        values = []
+        for ch in resp.get_all(header):
+            v = client_authorization(ch, method="INVITE", uri=self.request.uri_text, username=user,
+                                     password=password, cnonce=secrets.token_hex(8))
+            if v is not None:
+                values.append(v)
+                break
+        if not values:
+            return False
+        self._auth_tries += 1
+        old = self.request
+        headers = [(n, v) for n, v in old.headers
+                   if n.lower() not in ("via", "cseq", "authorization", "proxy-authorization")]
+        headers.insert(0, ("CSeq", f"{old.cseq.number + 1} INVITE"))
+        headers.insert(0, (answer_header, values[0]))
+        self.request = Request("INVITE", old.uri_text, headers, old.body)
+        self.start(now)
+        return True
+
+    def on_timeout(self, tx: ClientTransaction, now: float) -> None:
+        if tx is self.invite_tx:
+            if self.state is not LegState.ENDED:
+                self._finish()
+                if not self._cancelled:
+                    self._emit(LegFailed(self, 408, "Request Timeout"), now)
+            return
+        super().on_timeout(tx, now)

@@ -1,0 +1,58 @@
+"""One timer heap for every call and leg of the switch (STYLE.md habit 2).
+
+Owners keep a ``timers`` dict (name -> entry id); re-arming or cancelling just replaces or
+drops the entry, and stale heap entries are skipped when they surface.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from typing import Protocol
+
+
+class TimerOwner(Protocol):
+    """Anything with named timers."""
+
+    timers: dict[str, int]
+
+    def on_timer(self, name: str, now: float) -> None: ...
+
+
+class TimerQueue:
+    """A heap of (when, entry, owner, name)."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, TimerOwner, str]] = []
+        self._seq = itertools.count()
+
+    def schedule(self, owner: TimerOwner, name: str, when: float) -> None:
+        """Arm (or re-arm) ``owner``'s timer ``name`` at ``when``."""
+        entry = next(self._seq)
+        owner.timers[name] = entry
+        heapq.heappush(self._heap, (when, entry, owner, name))
+
+    @staticmethod
+    def cancel(owner: TimerOwner, name: str) -> None:
+        """Disarm one timer."""
+        owner.timers.pop(name, None)
+
+    def next(self) -> float | None:
+        """When the earliest live timer is due."""
+        heap = self._heap
+        while heap:
+            when, entry, owner, name = heap[0]
+            if owner.timers.get(name) == entry:
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def fire(self, now: float) -> None:
+        """Run every timer due by ``now``, in order."""
+        heap = self._heap
+        while heap and heap[0][0] <= now:
+            _, entry, owner, name = heapq.heappop(heap)
+            if owner.timers.get(name) != entry:
+                continue
+            del owner.timers[name]
+            owner.on_timer(name, now)

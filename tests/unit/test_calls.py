@@ -1,0 +1,405 @@
+"""B2BUA call flows driven by raw SIP bytes and a fake clock (no sockets): answer, busy,
+cancel, no answer -> fallback, fork race, re-INVITE, RTP timeout, max duration, toll fraud."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from softpbx.config.loader import load_config
+from softpbx.config.schema import Transport
+from softpbx.core.call import CallState
+from softpbx.core.events import Binding, WriteCdr
+from softpbx.core.switch import Switch
+from softpbx.media.ports import PortAllocator
+from softpbx.media.relay import RelaySession
+from softpbx.sip.events import Flow
+from softpbx.sip.message import Request, Response
+from softpbx.sip.parser import parse_message
+from softpbx.sip.sdp import media_address, parse_sdp
+
+from .sipkit import LOCAL, FakeClock, challenge_params, crlf, digest, run_until
+
+ROOT = Path(__file__).resolve().parents[2]
+ALICE = ("127.0.0.1", 5061)      # extension 101's phone
+BOB = ("127.0.0.1", 5062)        # extension 102's phone
+BOB2 = ("127.0.0.1", 5063)       # a second phone of 102
+CARRIER = ("127.0.0.1", 5070)    # the sample gateway
+
+
+class FakeRelay:
+    """The relay interface without sockets: real RelaySession objects, real port allocation."""
+
+    advertised_ip = "127.0.0.1"
+
+    def __init__(self) -> None:
+        self.ports = PortAllocator(start=20000, end=20100)
+        self.sessions: list[RelaySession] = []
+        self.now = 0.0
+
+    def open_session(self) -> RelaySession:
+        a, b = self.ports.allocate(), self.ports.allocate()
+        s = RelaySession(a_port=a, b_port=b, now=self.now)
+        self.sessions.append(s)
+        return s
+
+    def close_session(self, session: RelaySession) -> None:
+        self.sessions.remove(session)
+        self.ports.release(session.a.rtp_port)
+        self.ports.release(session.b.rtp_port)
+
+
+def flow(remote: tuple[str, int]) -> Flow:
+    return Flow(Transport.UDP, remote, LOCAL)
+
+
+SDP = crlf("""v=0
+o=phone 1 1 IN IP4 {ip}
+s=-
+c=IN IP4 {ip}
+t=0 0
+m=audio {port} RTP/AVP 0 8 101
+a=rtpmap:101 telephone-event/8000
+a=sendrecv
+""")
+
+
+def sdp(port: int, ip: str = "127.0.0.1", direction: str = "sendrecv") -> bytes:
+    return SDP.replace(b"{ip}", ip.encode()).replace(b"{port}", str(port).encode()) \
+        .replace(b"sendrecv", direction.encode())
+
+
+@dataclass
+class Net:
+    """The switch plus everything it sent, sorted by who it was sent to."""
+
+    sw: Switch
+    clock: FakeClock
+    relay: FakeRelay
+    inbox: dict[tuple[str, int], list] = field(default_factory=dict)
+    cdrs: list = field(default_factory=list)
+
+    def feed(self, data: bytes, src: tuple[str, int]) -> None:
+        self.sw.receive(data, flow(src), self.clock.now)
+        self.collect()
+
+    def collect(self) -> None:
+        for o in self.sw.datagrams_to_send():
+            self.inbox.setdefault(o.flow.remote, []).append(parse_message(o.data))
+        while (a := self.sw.next_action()) is not None:
+            if isinstance(a, WriteCdr):
+                self.cdrs.append(a.record)
+
+    def take(self, who: tuple[str, int]) -> list:
+        msgs = self.inbox.pop(who, [])
+        return msgs
+
+    def advance(self, seconds: float) -> None:
+        self.relay.now = self.clock.now + seconds
+        run_until(self.sw, self.clock, self.clock.now + seconds)
+        self.collect()
+
+    def drain(self) -> None:
+        """Let every transaction timer run out (64*T1 and then some)."""
+        self.advance(40.0)
+
+
+@pytest.fixture
+def net() -> Net:
+    cfg = load_config(ROOT / "sip_profiles", ["calls.max_duration=0"])
+    relay = FakeRelay()
+    sw = Switch(config=cfg, auth_secret=b"s" * 32, relay=relay)
+    for ext, addr, key in (("101", ALICE, "a"), ("102", BOB, "b"), ("103", ("127.0.0.1", 5064), "c")):
+        sw.registrar.load([Binding(aor=ext, contact=f"sip:{ext}@{addr[0]}:{addr[1]}", key=key,
+                                   expires_at=1e9, call_id=key, cseq=1, flow=flow(addr))])
+    return Net(sw, FakeClock(), relay)
+
+
+def invite(*, to: str, frm: str = "101", branch: str = "z9hG4bKinv1", call_id: str = "call-1",
+           cseq: int = 1, body: bytes | None = None, auth: str = "",
+           src: tuple[str, int] = ALICE) -> bytes:
+    body = sdp(40000) if body is None else body
+    lines = [
+        f"INVITE sip:{to}@127.0.0.1 SIP/2.0",
+        f"Via: SIP/2.0/UDP {src[0]}:{src[1]};branch={branch};rport",
+        f'From: "Caller" <sip:{frm}@127.0.0.1>;tag=caller-tag',
+        f"To: <sip:{to}@127.0.0.1>",
+        f"Call-ID: {call_id}",
+        f"CSeq: {cseq} INVITE",
+        f"Contact: <sip:{frm}@{src[0]}:{src[1]}>",
+        "Max-Forwards: 70",
+        "Content-Type: application/sdp",
+    ]
+    if auth:
+        lines.append(f"Authorization: {auth}")
+    lines.append(f"Content-Length: {len(body)}")
+    return crlf("\n".join(lines) + "\n\n") + body
+
+
+def place_call(net: Net, to: str, *, frm: str = "101", password: str = "secret101",
+               body: bytes | None = None) -> Request:
+    """101 dials ``to`` through the digest challenge; returns the INVITE as sent."""
+    net.feed(invite(to=to, frm=frm, body=body), ALICE)
+    r401 = [m for m in net.take(ALICE) if m.status == 401][0]
+    net.feed(ack_for(r401, to), ALICE)
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    auth = digest(user=frm, password=password, realm=p["realm"], nonce=p["nonce"],
+                  method="INVITE", uri=f"sip:{to}@127.0.0.1")
+    data = invite(to=to, frm=frm, cseq=2, branch="z9hG4bKinv2", auth=auth, body=body)
+    net.feed(data, ALICE)
+    return parse_message(data)
+
+
+def ack_for(resp: Response, to: str, branch: str = "z9hG4bKinv1") -> bytes:
+    return crlf(f"""ACK sip:{to}@127.0.0.1 SIP/2.0
+Via: SIP/2.0/UDP {ALICE[0]}:{ALICE[1]};branch={branch};rport
+From: "Caller" <sip:101@127.0.0.1>;tag=caller-tag
+To: {resp.get('to')}
+Call-ID: {resp.call_id}
+CSeq: {resp.cseq.number} ACK
+Max-Forwards: 70
+Content-Length: 0
+
+""")
+
+
+def answer(req: Request, status: int, *, tag: str = "callee-tag", body: bytes = b"",
+           contact: str = "<sip:102@127.0.0.1:5062>") -> bytes:
+    """The callee's response to ``req`` (an INVITE the switch sent)."""
+    hdrs = [(n, v) for n, v in req.headers if n in ("Via", "From", "Call-ID", "CSeq")]
+    to = req.get("to") or ""
+    if status > 100 and "tag=" not in to:
+        to += f";tag={tag}"
+    hdrs += [("To", to), ("Contact", contact)]
+    if body:
+        hdrs.append(("Content-Type", "application/sdp"))
+    return Response(status, None, hdrs, body).serialize()
+
+
+def in_dialog(method: str, resp_or_req, *, frm_tag: str, to_tag: str, cseq: int,
+              src: tuple[str, int], frm: str, to: str, body: bytes = b"",
+              branch: str = "z9hG4bKdlg") -> bytes:
+    call_id = resp_or_req.call_id
+    ct = "Content-Type: application/sdp\n" if body else ""
+    return crlf(f"""{method} sip:softpbx@127.0.0.1:5060 SIP/2.0
+Via: SIP/2.0/UDP {src[0]}:{src[1]};branch={branch}{cseq};rport
+From: <sip:{frm}@127.0.0.1>;tag={frm_tag}
+To: <sip:{to}@127.0.0.1>;tag={to_tag}
+Call-ID: {call_id}
+CSeq: {cseq} {method}
+Contact: <sip:{frm}@{src[0]}:{src[1]}>
+Max-Forwards: 70
+{ct}Content-Length: {len(body)}
+
+""") + body
+
+
+def only(msgs: list, kind=None) -> list:
+    return [m for m in msgs if kind is None or isinstance(m, kind)]
+
+
+def answered_call(net: Net):
+    """101 -> 102 answered; returns (b-leg INVITE, 200 to the caller)."""
+    place_call(net, "102")
+    assert [m.status for m in net.take(ALICE)] == [100]
+    (b_inv,) = net.take(BOB)
+    net.feed(answer(b_inv, 180), BOB)
+    net.feed(answer(b_inv, 200, body=sdp(50000)), BOB)
+    (ack_b,) = net.take(BOB)
+    assert ack_b.method == "ACK"
+    a_msgs = net.take(ALICE)
+    assert [m.status for m in a_msgs] == [180, 200]
+    ok = a_msgs[1]
+    net.feed(ack_for(ok, "102", branch="z9hG4bKack2"), ALICE)
+    return b_inv, ok
+
+
+def test_internal_call_answered_and_hung_up(net: Net) -> None:
+    b_inv, ok = answered_call(net)
+    # the callee saw the caller's extension and display name; SDP points at the relay
+    assert b_inv.from_.uri.user == "101" and b_inv.from_.display == "Alice 101"
+    (session,) = net.relay.sessions
+    assert media_address(parse_sdp(b_inv.body)) == ("127.0.0.1", session.b.rtp_port)
+    assert media_address(parse_sdp(ok.body)) == ("127.0.0.1", session.a.rtp_port)
+    assert session.a.rtp.sdp == ("127.0.0.1", 40000) and session.b.rtp.sdp == ("127.0.0.1", 50000)
+    assert b"telephone-event" in b_inv.body and b"m=audio" in ok.body
+    (call,) = net.sw.calls.values()
+    assert call.state is CallState.ANSWERED and call.id.startswith("int_")
+    net.advance(3.0)
+    assert net.take(ALICE) == []  # the ACK stopped the 2xx retransmissions
+    net.feed(in_dialog("BYE", ok, frm_tag="caller-tag", to_tag=ok.to.tag, cseq=3, src=ALICE,
+                       frm="101", to="102"), ALICE)
+    assert [m.status for m in net.take(ALICE)] == [200]
+    (bye,) = net.take(BOB)
+    assert bye.method == "BYE" and bye.to.tag == "callee-tag"
+    net.feed(answer(bye, 200), BOB)
+    net.drain()
+    assert net.sw.calls == {} and net.sw.dialog_count == 0 and net.relay.sessions == []
+    assert net.sw.stack.transaction_count == 0
+    (cdr,) = net.cdrs
+    assert (cdr.disposition, cdr.duration, cdr.extension, cdr.direction) == ("answered", 3, "102", "internal")
+
+
+def test_callee_busy(net: Net) -> None:
+    place_call(net, "102")
+    net.take(ALICE)
+    (b_inv,) = net.take(BOB)
+    net.feed(answer(b_inv, 486), BOB)
+    assert [m.method for m in net.take(BOB)] == ["ACK"]
+    assert [m.status for m in net.take(ALICE)] == [486]
+    net.drain()
+    assert net.cdrs[0].disposition == "busy" and net.cdrs[0].sip_code == 486
+    assert net.sw.calls == {} and net.relay.sessions == []
+
+
+def test_caller_cancels_while_ringing(net: Net) -> None:
+    place_call(net, "102")
+    net.take(ALICE)
+    (b_inv,) = net.take(BOB)
+    net.feed(answer(b_inv, 180), BOB)
+    net.take(ALICE)
+    cancel = crlf("""CANCEL sip:102@127.0.0.1 SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bKinv2;rport
+From: "Caller" <sip:101@127.0.0.1>;tag=caller-tag
+To: <sip:102@127.0.0.1>
+Call-ID: call-1
+CSeq: 2 CANCEL
+Max-Forwards: 70
+Content-Length: 0
+
+""")
+    net.feed(cancel, ALICE)
+    assert sorted(m.status for m in net.take(ALICE)) == [200, 487]
+    (c,) = net.take(BOB)
+    assert c.method == "CANCEL"
+    net.feed(answer(c, 200), BOB)
+    net.feed(answer(b_inv, 487), BOB)
+    assert [m.method for m in net.take(BOB)] == ["ACK"]
+    net.drain()
+    assert net.cdrs[0].disposition == "cancel"
+    assert net.sw.calls == {} and net.sw.dialog_count == 0 and net.sw.stack.transaction_count == 0
+
+
+def test_inbound_did_no_answer_then_fallback(net: Net) -> None:
+    net.feed(invite(to="74950000000", frm="79990001122", src=CARRIER), CARRIER)  # IP-authenticated
+    assert [m.status for m in net.take(CARRIER)] == [100]
+    (to_101,) = net.take(ALICE)
+    assert to_101.from_.uri.user == "79990001122"
+    net.feed(answer(to_101, 180, contact="<sip:101@127.0.0.1:5061>"), ALICE)
+    assert [m.status for m in net.take(CARRIER)] == [180]
+    net.advance(30.2)  # the route's no_answer_timeout
+    (c,) = [m for m in net.take(ALICE) if m.method == "CANCEL"]
+    net.feed(answer(c, 200), ALICE)
+    net.feed(answer(to_101, 487), ALICE)
+    (to_102,) = net.take(BOB)
+    assert to_102.method == "INVITE"
+    net.feed(answer(to_102, 200, body=sdp(50000)), BOB)
+    statuses = [m.status for m in net.take(CARRIER)]
+    assert statuses[-1] == 200
+    (call,) = net.sw.calls.values()
+    assert call.id.startswith("in_") and call.answered.extension == "102"
+
+
+def test_fork_first_answer_wins_others_cancelled(net: Net) -> None:
+    net.sw.registrar.load([Binding(aor="102", contact="sip:102@127.0.0.1:5063", key="b2",
+                                   expires_at=1e9, call_id="x", cseq=1, flow=flow(BOB2))])
+    place_call(net, "102")
+    net.take(ALICE)
+    (inv1,) = net.take(BOB)
+    (inv2,) = net.take(BOB2)
+    net.feed(answer(inv1, 180), BOB)
+    net.feed(answer(inv2, 180, tag="t2"), BOB2)
+    net.feed(answer(inv2, 200, tag="t2", body=sdp(50002)), BOB2)
+    assert [m.method for m in net.take(BOB2)] == ["ACK"]
+    (c,) = net.take(BOB)
+    assert c.method == "CANCEL"
+    # the loser answers anyway (the CANCEL crossed its 200): ACK, then BYE
+    net.feed(answer(inv1, 200, body=sdp(50000)), BOB)
+    assert [m.method for m in net.take(BOB)] == ["ACK", "BYE"]
+    (call,) = net.sw.calls.values()
+    assert call.state is CallState.ANSWERED and call.answered.flow.remote == BOB2
+
+
+def test_reinvite_hold_passes_through(net: Net) -> None:
+    b_inv, ok = answered_call(net)
+    hold = sdp(40000, direction="sendonly")
+    net.feed(in_dialog("INVITE", ok, frm_tag="caller-tag", to_tag=ok.to.tag, cseq=3, src=ALICE,
+                       frm="101", to="102", body=hold), ALICE)
+    (reinv,) = [m for m in net.take(BOB) if m.method == "INVITE"]
+    assert b"a=sendonly" in reinv.body and reinv.to.tag == "callee-tag"
+    net.feed(answer(reinv, 200, body=sdp(50000, direction="recvonly")), BOB)
+    assert [m.method for m in net.take(BOB)] == ["ACK"]
+    (ok2,) = [m for m in net.take(ALICE) if m.status == 200]
+    assert b"a=recvonly" in ok2.body
+    (call,) = net.sw.calls.values()
+    assert call.on_hold
+
+
+def test_rtp_timeout_hangs_up(net: Net) -> None:
+    answered_call(net)
+    net.advance(net.sw.config.media.rtp_timeout + 6)
+    # BYE to both sides (re-sent over UDP while unanswered: Timer E)
+    assert {m.method for m in net.take(ALICE)} == {"BYE"}
+    assert {m.method for m in net.take(BOB)} == {"BYE"}
+    assert "RTP" in net.cdrs[0].cause and net.sw.calls == {}
+
+
+def test_max_duration(net: Net) -> None:
+    cfg = load_config(ROOT / "sip_profiles", ["calls.max_duration=10", "media.rtp_timeout=0"])
+    relay = FakeRelay()
+    sw = Switch(config=cfg, auth_secret=b"s" * 32, relay=relay)
+    sw.registrar.load([Binding(aor="102", contact="sip:102@127.0.0.1:5062", key="b",
+                               expires_at=1e9, call_id="b", cseq=1, flow=flow(BOB))])
+    n = Net(sw, FakeClock(), relay)
+    answered_call(n)
+    n.advance(10.2)
+    assert [m.method for m in n.take(BOB)] == ["BYE"]
+    assert n.cdrs[0].cause == "maximum call duration reached"
+
+
+def test_caller_never_acks_2xx(net: Net) -> None:
+    place_call(net, "102")
+    net.take(ALICE)
+    (b_inv,) = net.take(BOB)
+    net.feed(answer(b_inv, 200, body=sdp(50000)), BOB)
+    net.take(BOB)
+    net.advance(8.0)
+    sent = net.take(ALICE)
+    assert [getattr(m, "status", None) for m in sent].count(200) >= 4  # re-sent: 0.5, 1.5, 3.5 ...
+    net.advance(30.0)
+    assert "BYE" in [m.method for m in net.take(ALICE)]
+    assert "BYE" in [m.method for m in net.take(BOB)]
+    assert net.sw.calls == {}
+
+
+def test_unregistered_extension_gets_480(net: Net) -> None:
+    place_call(net, "103")
+    (bin103,) = net.take(("127.0.0.1", 5064))
+    net.sw.registrar._bindings.clear()
+    net.feed(answer(bin103, 480), ("127.0.0.1", 5064))
+    assert [m.status for m in net.take(ALICE)][-1] == 480
+    assert net.cdrs[0].disposition == "no answer"
+
+
+def test_outbound_rewrites_number_and_never_unauthenticated(net: Net) -> None:
+    # an unknown address (not a gateway) dialling out: challenged, nothing reaches the trunk
+    net.feed(invite(to="89991234567", src=("127.0.0.1", 6000)), ("127.0.0.1", 6000))
+    assert [m.status for m in net.take(("127.0.0.1", 6000))] == [100, 401]
+    assert net.take(CARRIER) == []
+    # authenticated: out through the carrier with the number normalised and the caller ID set
+    place_call(net, "89991234567")
+    (out,) = net.take(CARRIER)
+    assert out.uri.user == "+79991234567" and out.from_.uri.user == "74950000101"
+    (call,) = net.sw.calls.values()
+    assert call.id.startswith("out_")
+
+
+def test_unknown_number_404_and_bad_sdp_488(net: Net) -> None:
+    place_call(net, "55")
+    assert [m.status for m in net.take(ALICE)][-1] == 404
+    net.inbox.clear()
+    net.feed(invite(to="74950000000", frm="7999", src=CARRIER, body=b"garbage",
+                    branch="z9hG4bKbad"), CARRIER)
+    assert [m.status for m in net.take(CARRIER)][-1] == 488
