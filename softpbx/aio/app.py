@@ -65,6 +65,7 @@ class Server:
             for line in await self.driver.transports.listen(profile.sip_ip, profile.sip_port,
                                                             profile.transports):
                 log.info("%s (profile %s)", line, profile.name)
+        self.switch.start(loop.time())
         self.driver.kick()
         if cfg.http.http_port:
             app = make_app(switch=self.switch, clock=loop.time, cdr_fetch=self.store.recent_cdrs)

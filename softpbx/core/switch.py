@@ -28,6 +28,7 @@ from ..sip.transaction import ServerTransaction
 from ..sip.uri import split_hostport
 from .call import Call, MediaRelay
 from .events import Action, Binding, WriteCdr
+from .gateway_reg import GatewayRegistration
 from .leg import InboundLeg, Leg
 from .registrar import IntervalTooBrief, Registrar
 from .routing import NoRoute, Router
@@ -75,6 +76,8 @@ class Switch:
         self._dialogs: dict[tuple[str, str, str], Leg] = {}
         self._gateways_by_name = {g.name: g for g in config.gateways}
         self._gateway_addrs: dict[str, tuple[str, int]] = {}
+        self.gateway_registrations = {
+            g.name: GatewayRegistration(host=self, gateway=g) for g in config.gateways if g.register}
         self.stack = SipStack(settings=config.sip, server_name=config.global_.user_agent)
         secret = auth_secret or (config.auth.secret.encode() if config.auth.secret else None)
         self.auth = DigestAuthenticator(realm=config.global_.domain, secret=secret,
@@ -88,6 +91,12 @@ class Switch:
                                        ban_time=config.auth.ban_time)
         self.gateways = gateway_matcher(config.gateways)
         self._actions: deque[Action] = deque()
+
+    def start(self, now: float) -> None:
+        """The shell is listening: register to the providers that want it."""
+        for reg in self.gateway_registrations.values():
+            reg.start(now)
+        self._drain(now)
 
     # -- shell API ----------------------------------------------------------------------------
     def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:
@@ -188,13 +197,13 @@ class Switch:
                 except SipError as exc:
                     self._refuse(ev.tx, exc, now)
             elif isinstance(ev, ResponseReceived):
-                leg = ev.tx.user_data
-                if isinstance(leg, Leg):
-                    leg.on_response(ev.response, ev.tx, now)
+                owner = ev.tx.user_data
+                if isinstance(owner, (Leg, GatewayRegistration)):
+                    owner.on_response(ev.response, ev.tx, now)
             elif isinstance(ev, TransactionTimeout):
-                leg = ev.tx.user_data
-                if isinstance(leg, Leg) and ev.tx.kind in ("ict", "nict"):
-                    leg.on_timeout(ev.tx, now)  # type: ignore[arg-type]
+                owner = ev.tx.user_data
+                if isinstance(owner, (Leg, GatewayRegistration)) and ev.tx.kind in ("ict", "nict"):
+                    owner.on_timeout(ev.tx, now)  # type: ignore[arg-type]
             elif isinstance(ev, MessageRejected):
                 log.warning("rejected message from %s: %s (%s)", ev.flow, ev.reason,
                             ev.status if ev.status else "dropped")

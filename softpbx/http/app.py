@@ -43,6 +43,8 @@ async def status(request: web.Request) -> web.Response:
         "dialogs": sw.dialog_count,
         "media_sessions": getattr(relay, "session_count", 0),
         "rtp_ports": getattr(relay, "ports_in_use", 0),
+        "gateways": {name: {"state": reg.state.value, "last_status": reg.last_status}
+                     for name, reg in sw.gateway_registrations.items()},
     })
 
 

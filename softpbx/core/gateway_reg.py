@@ -1,0 +1,141 @@
+"""Registering softpbx to a provider (``register = true`` gateways), RFC 3261 §10.2, sans-IO.
+
+REGISTER, answer one 401/407 with the gateway's credentials, refresh before the granted
+expiry runs out, and retry after ``retry_seconds`` when the provider refuses or is silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from enum import Enum
+from typing import Protocol
+
+from ..config.schema import Gateway
+from ..sip.auth import client_authorization
+from ..sip.events import Flow
+from ..sip.message import Request, Response
+from ..sip.stack import SipStack, new_tag
+from ..sip.transaction import ClientTransaction
+from ..sip.uri import split_hostport
+from .timers import TimerQueue
+
+log = logging.getLogger("softpbx.gateway")
+
+
+class RegHost(Protocol):
+    """What a gateway registration needs from the switch."""
+
+    stack: SipStack
+    timers: TimerQueue
+
+    def contact_for(self, flow: Flow) -> str: ...
+    def gateway_flow(self, gateway: Gateway) -> Flow: ...
+
+
+class RegState(Enum):
+    """Where a gateway registration is."""
+
+    IDLE = "idle"
+    REGISTERING = "registering"
+    REGISTERED = "registered"
+    FAILED = "failed"
+
+
+class GatewayRegistration:
+    """One provider registration."""
+
+    def __init__(self, *, host: RegHost, gateway: Gateway) -> None:
+        self.host = host
+        self.gateway = gateway
+        self.state = RegState.IDLE
+        self.timers: dict[str, int] = {}
+        self.call_id = f"{secrets.token_hex(12)}@softpbx"
+        self.tag = new_tag()
+        self.cseq = 0
+        self.expires_at: float | None = None
+        self.last_status = 0
+        self._auth_tried = False
+        self._tx: ClientTransaction | None = None
+        domain = gateway.realm or split_hostport(gateway.proxy)[0]
+        user = gateway.from_user or gateway.username
+        self.aor = f"sip:{user}@{domain}"
+        self.request_uri = f"sip:{domain}"
+
+    def start(self, now: float) -> None:
+        """Send a REGISTER (first time, refresh or retry)."""
+        self._auth_tried = False
+        self._send(now, None)
+
+    def _send(self, now: float, authorization: tuple[str, str] | None) -> None:
+        self.cseq += 1
+        flow = self.host.gateway_flow(self.gateway)
+        headers = [
+            ("Max-Forwards", "70"),
+            ("From", f"<{self.aor}>;tag={self.tag}"),
+            ("To", f"<{self.aor}>"),
+            ("Call-ID", self.call_id),
+            ("CSeq", f"{self.cseq} REGISTER"),
+            ("Contact", self.host.contact_for(flow).replace("sip:softpbx@",
+                                                           f"sip:{self.gateway.username}@")),
+            ("Expires", str(self.gateway.expire_seconds)),
+        ]
+        if authorization is not None:
+            headers.append(authorization)
+        headers.append(("Content-Length", "0"))
+        req = Request("REGISTER", self.request_uri, headers)
+        self.state = RegState.REGISTERING if self.state is not RegState.REGISTERED else self.state
+        self._tx = self.host.stack.send_request(req, flow, now)
+        self._tx.user_data = self
+
+    def on_response(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        """The provider answered a REGISTER."""
+        if tx is not self._tx or resp.status < 200:
+            return
+        self.last_status = resp.status
+        if resp.status in (401, 407) and not self._auth_tried:
+            self._auth_tried = True
+            header = "www-authenticate" if resp.status == 401 else "proxy-authenticate"
+            name = "Authorization" if resp.status == 401 else "Proxy-Authorization"
+            for ch in resp.get_all(header):
+                value = client_authorization(ch, method="REGISTER", uri=self.request_uri,
+                                             username=self.gateway.username,
+                                             password=self.gateway.password,
+                                             cnonce=secrets.token_hex(8))
+                if value is not None:
+                    self._send(now, (name, value))
+                    return
+        if 200 <= resp.status < 300:
+            granted = self._granted(resp)
+            self.state = RegState.REGISTERED
+            self.expires_at = now + granted
+            # Refresh well before the binding lapses (half-way for short ones).
+            refresh = max(granted - 60, granted / 2, 1)
+            self.host.timers.schedule(self, "refresh", now + refresh)
+            log.info("gateway %s registered (%ds)", self.gateway.name, granted)
+            return
+        self._failed(now, f"{resp.status} {resp.reason}")
+
+    def _granted(self, resp: Response) -> int:
+        want = self.gateway.expire_seconds
+        for c in resp.contacts or []:
+            if c.uri.user == self.gateway.username and c.params.get("expires", "").isdigit():
+                return int(c.params["expires"])  # type: ignore[arg-type]
+        e = resp.get("expires")
+        return int(e) if e is not None and e.isdigit() else want
+
+    def on_timeout(self, tx: ClientTransaction, now: float) -> None:
+        """The provider did not answer."""
+        if tx is self._tx:
+            self._failed(now, "timeout")
+
+    def _failed(self, now: float, why: str) -> None:
+        self.state = RegState.FAILED
+        log.warning("gateway %s registration failed: %s; retry in %ds", self.gateway.name, why,
+                    self.gateway.retry_seconds)
+        self.host.timers.schedule(self, "refresh", now + self.gateway.retry_seconds)
+
+    def on_timer(self, name: str, now: float) -> None:
+        """Refresh or retry."""
+        if name == "refresh":
+            self.start(now)
