@@ -57,6 +57,7 @@ class CallHost(LegHost, Protocol):
     relay: MediaRelay
 
     def gateway(self, name: str) -> Gateway: ...
+    def gateway_calls(self, name: str) -> int: ...
     def gateway_flow(self, gateway: Gateway) -> Flow: ...
     def call_ended(self, call: Call, action: WriteCdr) -> None: ...
 
@@ -211,6 +212,10 @@ class Call:
             return legs
         assert isinstance(target, GatewayTarget)
         gw = self.host.gateway(target.gateway)
+        if gw.max_calls and self.host.gateway_calls(gw.name) >= gw.max_calls:
+            log.warning("gateway %s is at its %d-call limit", gw.name, gw.max_calls)
+            self._failures.append(503)
+            return []
         flow = self.host.gateway_flow(gw)
         host = gw.realm or gw.proxy
         ruri = f"sip:{target.number}@{gw.proxy}"
@@ -273,7 +278,8 @@ class Call:
         elif isinstance(event, LegFailed):
             if leg in self.b_legs:
                 self.b_legs.remove(leg)  # type: ignore[arg-type]
-                self._failures.append(event.status)
+                # A trunk that never answers is down (503), not a callee that did not pick up.
+                self._failures.append(503 if leg.gateway and event.status == 408 else event.status)
                 if not self.b_legs:
                     TimerQueue.cancel(self, "no_answer")
                     self._next_stage(now)

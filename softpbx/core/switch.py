@@ -148,6 +148,15 @@ class Switch:
         """The gateway called ``name`` (the config guarantees it exists)."""
         return self._gateways_by_name[name]
 
+    def gateway_calls(self, name: str) -> int:
+        """Calls that have a live leg to or from gateway ``name``."""
+        n = 0
+        for call in self.calls.values():
+            if call.from_gateway == name or any(b.gateway == name and not b.ended
+                                                for b in call.b_legs):
+                n += 1
+        return n
+
     def set_gateway_address(self, name: str, addr: tuple[str, int]) -> None:
         """The shell resolved a gateway's proxy (a hostname) to ``addr``."""
         self._gateway_addrs[name] = addr

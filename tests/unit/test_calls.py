@@ -403,3 +403,29 @@ def test_unknown_number_404_and_bad_sdp_488(net: Net) -> None:
     net.feed(invite(to="74950000000", frm="7999", src=CARRIER, body=b"garbage",
                     branch="z9hG4bKbad"), CARRIER)
     assert [m.status for m in net.take(CARRIER)][-1] == 488
+
+
+def test_trunk_timeout_is_503_and_gateway_call_limit(net: Net) -> None:
+    place_call(net, "89991234567")
+    net.take(ALICE)
+    net.advance(33.0)  # the carrier never answers: Timer B
+    assert [getattr(m, "status", None) for m in net.take(ALICE)][-1] == 503
+    assert net.cdrs[0].disposition == "failed"
+    cfg = load_config(ROOT / "sip_profiles")
+    limited = type(cfg.gateways[0])(**{**{f: getattr(cfg.gateways[0], f) for f in
+                                          cfg.gateways[0].__dataclass_fields__}, "max_calls": 1})
+    net.sw._gateways_by_name["carrier"] = limited
+    net.drain()  # let the first call's transactions finish (place_call reuses its branches)
+    net.inbox.clear()
+    place_call(net, "89991234567")
+    assert net.take(CARRIER)  # the first call reaches the trunk
+    net.feed(invite(to="89991234568", branch="z9hG4bKsecond", call_id="call-2",
+                    auth=""), ALICE)
+    r401 = [m for m in net.take(ALICE) if getattr(m, "status", 0) == 401][0]
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    auth = digest(user="101", password="secret101", realm=p["realm"], nonce=p["nonce"],
+                  method="INVITE", uri="sip:89991234568@127.0.0.1")
+    net.feed(invite(to="89991234568", branch="z9hG4bKsecond2", call_id="call-2", cseq=2,
+                    auth=auth), ALICE)
+    assert [m.status for m in net.take(ALICE)][-1] == 503
+    assert net.take(CARRIER) == []  # the second is refused at the limit
