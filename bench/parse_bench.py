@@ -33,9 +33,14 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from softpbx.sip.parser import parse_message
+# Measure the checkout this script belongs to (not whatever `softpbx` the venv points at).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from softpbx.sip import parser as _parser_module  # noqa: E402
+from softpbx.sip.parser import parse_message  # noqa: E402
 
 MAX_N = 2_000_000
 
@@ -208,6 +213,7 @@ def main() -> int:
         f"softpbx parser benchmark: python {sys.version.split()[0]}, n={n} x {repeat} rounds, "
         "CPU time per message (median round; best in brackets)"
     )
+    print(f"parser: {_parser_module.__file__}")
     print(f"{'message':<15} {'bytes':>5}  {'case':<18} {'µs/msg':>8} {'(best)':>8} {'msgs/s':>9}")
     for r in rows:
         if r.get("skipped"):

@@ -75,9 +75,10 @@ done
 
 echo "# host: $(nproc) cores, loadavg $(cut -d' ' -f1-3 /proc/loadavg) before the run;" \
      "SUT on core $SUT_CPU, SIPp on core $LOAD_CPU; rates $RATES x ${STEP_S}s; $NUSERS users; port $SUT_PORT"
-REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
-DIRTY="$(git -C "$REPO" status --porcelain -- softpbx 2>/dev/null | wc -l)"
-echo "# softpbx from $REPO (commit $REV, $DIRTY uncommitted files under softpbx/), $("$PY" -V 2>&1)"
+if REV="$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)"; then
+  REV="commit $REV, $(git -C "$REPO" status --porcelain -- softpbx | wc -l) uncommitted files under softpbx/"
+else REV="not a git checkout"; fi
+echo "# softpbx from $REPO ($REV), $("$PY" -V 2>&1)"
 echo "# results in $OUT"
 RUN_ARGS=(); [ -n "$KEEP_GOING" ] && RUN_ARGS=(--keep-going)
 
@@ -159,13 +160,15 @@ if "softpbx" in runs and "kamailio" in runs:
         print(f"  rate {r:>6}: {a:.3f} ms / {b:.3f} ms = {a / b:.1f}x")
 if "softpbx" in runs:
     rows, best = runs["softpbx"]
-    passing = [d for d in rows if d.get("pass")]
     fails = sum(d["failed"] for d in rows)
-    worst = max((d["sut_cpu_ms_per_call"] or 0 for d in passing), default=None)
-    ok = best is not None and worst is not None and worst <= TARGET and all(
-        d["failed"] == 0 for d in passing)
-    print(f"softpbx target (<= {TARGET} ms/registration, 0 failures at the passing rates): "
-          f"{'MET' if ok else 'NOT MET'} (worst passing {worst} ms/reg; failures over all steps: {fails})")
+    # The issue's target: <= 0.5 ms CPU per registration, i.e. 2,000/s on one core, 0 failures.
+    good = [d for d in rows if d.get("pass") and d["failed"] == 0 and d["target_rate"] >= 2000
+            and (d["sut_cpu_ms_per_call"] or 99) <= TARGET]
+    top = max((d for d in rows if d.get("pass")), key=lambda d: d["target_rate"], default=None)
+    at_top = f"{top['sut_cpu_ms_per_call']} ms/reg at {top['target_rate']}/s" if top else "no step passed"
+    print(f"softpbx target (<= {TARGET} ms/registration at >= 2000/s, 0 failures): "
+          f"{'MET' if good else 'NOT MET'} (highest passing step: {at_top}; "
+          f"failures over all steps: {fails})")
 EOF
 echo
 "$PY" "$SHARED/sip/summarize.py" "$OUT"/*.jsonl
