@@ -23,6 +23,7 @@ from ..core.switch import Switch
 from ..http.app import make_app
 from ..store.sqlite import SqliteStore
 from .driver import SwitchDriver
+from .recording import RecordingManager
 from .rtp_transport import RtpRelay
 
 log = logging.getLogger("softpbx")
@@ -38,6 +39,7 @@ class Server:
         self.driver: SwitchDriver | None = None
         self.http_runner: web.AppRunner | None = None
         self.relay: RtpRelay | None = None
+        self.recordings: RecordingManager | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -55,6 +57,14 @@ class Server:
         self.switch.relay = self.relay
         await self._resolve_gateways(loop)
         self.driver = SwitchDriver(switch=self.switch, store=self.store, loop=loop)
+        if cfg.recording.enabled:
+            rec_dir = resolve_path(cfg, cfg.recording.dir)
+            self.recordings = RecordingManager(
+                settings=cfg.recording, directory=rec_dir, public_base_url=cfg.http.public_base_url,
+                store=self.store, loop=loop)
+            await self.recordings.recover()
+            self.driver.recordings = self.recordings
+            log.info("recording calls into %s", rec_dir)
         seen: set[tuple[str, int]] = set()
         for profile in (cfg.internal, cfg.external):
             addr = (profile.sip_ip, profile.sip_port)
@@ -68,7 +78,8 @@ class Server:
         self.switch.start(loop.time())
         self.driver.kick()
         if cfg.http.http_port:
-            app = make_app(switch=self.switch, clock=loop.time, cdr_fetch=self.store.recent_cdrs)
+            app = make_app(switch=self.switch, clock=loop.time, cdr_fetch=self.store.recent_cdrs,
+                           recording_lookup=self.store.recording_by_hash)
             self.http_runner = web.AppRunner(app, access_log=None)
             await self.http_runner.setup()
             site = web.TCPSite(self.http_runner, cfg.http.http_ip, cfg.http.http_port,
@@ -98,7 +109,11 @@ class Server:
     async def _housekeep(self) -> None:
         loop = asyncio.get_running_loop()
         idle = float(self.config.sip.tcp_idle_timeout)
+        ticks = 0
         while True:
+            if self.recordings is not None and ticks % 120 == 0:  # at start, then hourly
+                await loop.run_in_executor(None, self.recordings.enforce_retention)
+            ticks += 1
             await asyncio.sleep(30.0)
             if self.driver is not None:
                 n = self.driver.transports.tcp.close_idle(loop.time(), idle)
@@ -114,6 +129,8 @@ class Server:
         if self.driver is not None:
             self.driver.close()
             await self.driver.transports.close()
+        if self.recordings is not None:
+            await self.recordings.aclose()
         if self.relay is not None:
             await self.relay.aclose()
         if self.store is not None:

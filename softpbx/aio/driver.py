@@ -10,9 +10,11 @@ import asyncio
 import logging
 import time
 
+from ..core.events import StartRecording, StopRecording
 from ..core.switch import Switch
 from ..sip.events import Flow
 from ..store.sqlite import SqliteStore
+from .recording import RecordingManager
 from .sip_transport import SipTransports
 
 log = logging.getLogger("softpbx.driver")
@@ -28,6 +30,8 @@ class SwitchDriver:
         self.loop = loop
         self.transports = SipTransports(receiver=self.receive,
                                         max_size=switch.config.sip.max_message_size)
+        self.recordings: RecordingManager | None = None
+        """Set by the app when recording is on."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
 
@@ -63,7 +67,13 @@ class SwitchDriver:
         if action is not None:
             offset = self.wall_offset()
             while action is not None:
-                if self.store is not None:
+                if isinstance(action, StartRecording):
+                    if self.recordings is not None:
+                        self.recordings.start(action)
+                elif isinstance(action, StopRecording):
+                    if self.recordings is not None:
+                        self.recordings.stop(action.call_id, action.at)
+                elif self.store is not None:
                     self.store.apply(action, wall_offset=offset)
                 action = sw.next_action()
         when = sw.get_timer()

@@ -30,6 +30,8 @@ from .events import (
     LegOffer,
     LegOfferAnswered,
     LegRinging,
+    StartRecording,
+    StopRecording,
     WriteCdr,
 )
 from .leg import InboundLeg, Leg, LegHost, OutboundLeg
@@ -60,6 +62,7 @@ class CallHost(LegHost, Protocol):
     def gateway_calls(self, name: str) -> int: ...
     def gateway_flow(self, gateway: Gateway) -> Flow: ...
     def call_ended(self, call: Call, action: WriteCdr) -> None: ...
+    def call_action(self, action: StartRecording | StopRecording) -> None: ...
 
 
 class CallState(Enum):
@@ -122,6 +125,7 @@ class Call:
         self.last_rang: OutboundLeg | None = None
         self.media: RelaySession | None = None
         self._offer: SessionDescription | None = None
+        self._answer: SessionDescription | None = None
         self._origin_a: LocalOrigin | None = None
         self._origin_b: LocalOrigin | None = None
         self._pending_offer_from: Leg | None = None
@@ -290,6 +294,25 @@ class Call:
         elif isinstance(event, LegOfferAnswered):
             self._on_offer_answered(leg, event.status, event.sdp, now)
 
+    @property
+    def recorded(self) -> bool:
+        """Whether this call is recorded (switch-wide setting and the route's)."""
+        return self.host.config.recording.enabled and self.route.record
+
+    @property
+    def _codecs(self) -> dict[int, str]:
+        """Payload types of the negotiated SDP (answer over offer), for the recorder."""
+        out: dict[int, str] = {}
+        for sdp in (self._offer, self._answer):
+            if sdp is None:
+                continue
+            for m in sdp.media:
+                if m.is_rtp:
+                    for c in m.codecs():
+                        out[c.payload_type] = c.encoding
+                    break
+        return out
+
     def _callee_answer(self, raw: bytes) -> bytes | None:
         """The callee's SDP, remembered for the relay and rewritten for the caller."""
         assert self.media is not None and self._origin_a is not None
@@ -298,6 +321,7 @@ class Call:
         except SdpError as exc:
             log.warning("call %s: bad SDP from callee: %s", self.id, exc)
             return None
+        self._answer = answer
         self._set_remote(self.media.b, answer)
         return self._rewrite_for(self.media.a, answer, self._origin_a)
 
@@ -410,9 +434,13 @@ class Call:
             timeout = self.host.config.media.rtp_timeout
             if timeout:
                 timers.schedule(self, "rtp_check", now + min(timeout, 5.0))
+            if self.recorded and self.media is not None:
+                self.host.call_action(StartRecording(self.id, self.media, self._codecs, now))
         elif new is CallState.ENDED:
             self.ended_at = now
             self.timers.clear()
+            if old is CallState.ANSWERED and self.recorded:
+                self.host.call_action(StopRecording(self.id, now))
             if self.media is not None:
                 self.host.relay.close_session(self.media)
             answered_leg = self.answered

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..sip.events import Flow
 
 if TYPE_CHECKING:
+    from ..media.relay import RelaySession
     from .leg import Leg
 
 
@@ -105,7 +106,28 @@ class WriteCdr:
     record: CallRecord
 
 
-Action = SaveBinding | DeleteBinding | WriteCdr
+@dataclass(frozen=True, slots=True)
+class StartRecording:
+    """Record a call that was just answered (the shell taps the relay, opens the MP3)."""
+
+    call_id: str
+    media: RelaySession
+    """The call's relay session: side A is the caller (left), side B the callee (right)."""
+    codecs: dict[int, str]
+    """Payload type -> encoding name negotiated in SDP (dynamic types, DTMF)."""
+    start: float
+    """Monotonic answer time: sample 0 of the recording."""
+
+
+@dataclass(frozen=True, slots=True)
+class StopRecording:
+    """The recorded call ended at ``at``: finalise the file."""
+
+    call_id: str
+    at: float
+
+
+Action = SaveBinding | DeleteBinding | WriteCdr | StartRecording | StopRecording
 
 
 # -- neutral call-control events: what legs tell their call (no SIP in here) -----------------

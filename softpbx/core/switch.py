@@ -170,6 +170,10 @@ class Switch:
         ext = self.config.external
         return Flow(gateway.transport, addr, (ext.sip_ip, ext.sip_port))
 
+    def call_action(self, action: Action) -> None:
+        """A call asks the shell for something (start/stop recording)."""
+        self._actions.append(action)
+
     def call_ended(self, call: Call, action: WriteCdr) -> None:
         """A call finished: forget it, store its CDR."""
         self.calls.pop(call.id, None)

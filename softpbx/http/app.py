@@ -4,6 +4,9 @@ console join it as the switch grows. Every error answer is JSON."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import os
+import re
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -14,6 +17,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SWITCH_KEY: web.AppKey[Switch] = web.AppKey("switch", Switch)
 CLOCK_KEY: web.AppKey[Callable[[], float]] = web.AppKey("clock", Callable[[], float])
+RECORDING_KEY: web.AppKey[Callable[[str], tuple[str, str, str] | None]] = web.AppKey(
+    "recording", Callable[[str], tuple[str, str, str] | None])
 CDR_KEY: web.AppKey[Callable[[int], list[dict[str, object]]]] = web.AppKey(
     "cdr", Callable[[int], list[dict[str, object]]])
 
@@ -84,13 +89,42 @@ async def registrations(request: web.Request) -> web.Response:
     return web.json_response({"registrations": out})
 
 
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
+
+
+async def recording(request: web.Request) -> web.StreamResponse:
+    """``GET``/``HEAD /rec/<token>.mp3``: a recording, without login (the token is the key).
+
+    The index holds only SHA-256 of tokens, so a lookup never compares a guess with a real
+    token; unknown and malformed tokens get the same 404. Range requests are served.
+    """
+    token = request.match_info["token"]
+    if not _TOKEN_RE.match(token):
+        raise web.HTTPNotFound(reason="no such recording")
+    digest = hashlib.sha256(token.encode()).hexdigest()
+    lookup = request.app[RECORDING_KEY]
+    row = await asyncio.get_running_loop().run_in_executor(None, lookup, digest)
+    if row is None:
+        raise web.HTTPNotFound(reason="no such recording")
+    path, state, _ = row
+    if state == "deleted":
+        raise web.HTTPGone(reason="recording deleted by the retention policy")
+    if state != "ready" or not os.path.isfile(path):
+        raise web.HTTPNotFound(reason="no such recording")
+    return web.FileResponse(path, headers={"Content-Type": "audio/mpeg",
+                                           "Cache-Control": "private, max-age=86400"})
+
+
 def make_app(*, switch: Switch, clock: Callable[[], float],
-             cdr_fetch: Callable[[int], list[dict[str, object]]]) -> web.Application:
+             cdr_fetch: Callable[[int], list[dict[str, object]]],
+             recording_lookup: Callable[[str], tuple[str, str, str] | None]) -> web.Application:
     """The aiohttp application."""
     app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
     app[SWITCH_KEY] = switch
     app[CLOCK_KEY] = clock
     app[CDR_KEY] = cdr_fetch
+    app[RECORDING_KEY] = recording_lookup
+    app.router.add_get("/rec/{token}.mp3", recording)
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/registrations", registrations)
     app.router.add_get("/api/calls", calls)

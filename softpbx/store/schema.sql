@@ -37,3 +37,16 @@ CREATE TABLE IF NOT EXISTS cdr (
     cause        TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at);
+
+CREATE TABLE IF NOT EXISTS recordings (
+    call_id     TEXT PRIMARY KEY,
+    token_hash  TEXT NOT NULL UNIQUE,  -- sha256 of the link token: lookups never compare tokens
+    path        TEXT NOT NULL,         -- final MP3 path
+    status      TEXT NOT NULL,         -- recording | ready | failed | deleted
+    reason      TEXT NOT NULL DEFAULT '',
+    duration    REAL,                  -- seconds of audio
+    size        INTEGER,               -- bytes
+    created_at  REAL NOT NULL,         -- Unix times
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS recordings_created ON recordings (created_at);

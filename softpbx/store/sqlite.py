@@ -21,7 +21,7 @@ from ..sip.events import Flow
 
 log = logging.getLogger("softpbx.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _STOP = object()
 
 
@@ -106,6 +106,31 @@ class SqliteStore:
         elif isinstance(action, DeleteBinding):
             self._queue.put(("DELETE FROM registrations WHERE aor=? AND key=?",
                              (action.aor, action.key)))
+
+    # -- recordings index ---------------------------------------------------------------------
+    def execute(self, sql: str, args: tuple[object, ...]) -> None:
+        """Queue one write (for the shell's own tables: the recordings index)."""
+        self._queue.put((sql, args))
+
+    def recording_by_hash(self, token_hash: str) -> tuple[str, str, str] | None:
+        """(path, status, call_id) of the recording whose token hashes to ``token_hash``."""
+        db = _connect(self.path)
+        try:
+            row = db.execute("SELECT path, status, call_id FROM recordings WHERE token_hash = ?",
+                             (token_hash,)).fetchone()
+        finally:
+            db.close()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def recordings(self, *, status: str) -> list[tuple[str, str, float, int]]:
+        """(call_id, path, created_at, size) of recordings with ``status``, oldest first."""
+        db = _connect(self.path)
+        try:
+            return [(r[0], r[1], r[2], r[3] or 0) for r in db.execute(
+                "SELECT call_id, path, created_at, size FROM recordings WHERE status = ?"
+                " ORDER BY created_at", (status,))]
+        finally:
+            db.close()
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued so far is written (tests, shutdown)."""
