@@ -66,6 +66,11 @@ class SipStack:
         self._client: dict[tuple, ClientTransaction] = {}
         self._heap: list[tuple[float, int, Transaction, str]] = []
         self._seq = itertools.count()
+        # Completed non-INVITE server transactions over UDP (RFC 3261 §17.2.2, Timer J):
+        # key -> (final response bytes, flow). Timer J is the same for all, so they expire in
+        # the order they completed: a FIFO replaces the heap.
+        self._completed: dict[tuple, tuple[bytes, Flow]] = {}
+        self._completed_fifo: deque[tuple[float, tuple]] = deque()
 
     # -- inputs -------------------------------------------------------------------------------
     def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:
@@ -103,6 +108,9 @@ class SipStack:
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer due at ``now``."""
+        fifo = self._completed_fifo
+        while fifo and fifo[0][0] <= now:
+            self._completed.pop(fifo.popleft()[1], None)  # Timer J
         heap = self._heap
         while heap and heap[0][0] <= now:
             _, entry, tx, name = heapq.heappop(heap)
@@ -123,19 +131,21 @@ class SipStack:
         return out
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` must be called next (one peek at the heap)."""
+        """When :meth:`handle_timer` must be called next (one peek at the heap and the FIFO)."""
         heap = self._heap
+        first = self._completed_fifo[0][0] if self._completed_fifo else None
         while heap:
             when, entry, tx, name = heap[0]
             if tx.timers.get(name) == entry:
-                return when
+                return when if first is None or when < first else first
             heapq.heappop(heap)
-        return None
+        return first
 
     @property
     def transaction_count(self) -> int:
-        """Live transactions (tests assert it returns to zero)."""
-        return len(self._server) + len(self._client)
+        """Live transactions, completed ones waiting out Timer J included (tests assert it
+        returns to zero)."""
+        return len(self._server) + len(self._client) + len(self._completed)
 
     # -- transaction-user API -----------------------------------------------------------------
     def respond(self, tx: ServerTransaction, response: Response, now: float) -> None:
@@ -220,6 +230,10 @@ class SipStack:
         if tx is not None:
             tx.on_retransmission()
             return
+        done = self._completed.get(key)
+        if done is not None:
+            self._out.append(Outgoing(done[1], done[0]))  # retransmission: the final again
+            return
         tx = ServerTransaction(key=key, request=req, flow=flow, host=self)
         self._server[key] = tx
         if method == "CANCEL":
@@ -287,6 +301,13 @@ class SipStack:
 
     def _cancel_timers(self, tx: Transaction) -> None:
         tx.timers.clear()
+
+    def _absorb_retransmissions(self, tx: ServerTransaction, now: float) -> None:
+        data = tx._last_bytes
+        if data is not None:
+            self._completed[tx.key] = (data, tx.flow)
+            self._completed_fifo.append((now + 64 * self.t1, tx.key))
+        tx._set_state(TxState.TERMINATED)
 
     def _emit(self, event: SipEvent) -> None:
         self._events.append(event)

@@ -69,6 +69,7 @@ class TxHost(Protocol):
     def _cancel_timers(self, tx: Transaction) -> None: ...
     def _emit(self, event: object) -> None: ...
     def _terminated(self, tx: Transaction) -> None: ...
+    def _absorb_retransmissions(self, tx: ServerTransaction, now: float) -> None: ...
 
 
 class Transaction:
@@ -199,11 +200,10 @@ class ServerTransaction(Transaction):
             if reliable:
                 self._set_state(S.TERMINATED)
             else:
-                # Timer J keeps us 32 s only to absorb retransmissions: hold the bytes, not
-                # the parsed objects (tens of thousands of these live at high rates).
-                self.request.shrink()
-                response.shrink()
-                self._arm("J", now, 64 * self.host.t1)
+                # Timer J (64*T1) only absorbs retransmissions: the host keeps the final
+                # response's bytes for that long and this object can go now (tens of
+                # thousands of completed transactions live at high registration rates).
+                self.host._absorb_retransmissions(self, now)
 
     def on_timer(self, name: str, now: float) -> None:
         """A timer of this transaction fired."""
