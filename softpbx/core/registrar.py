@@ -60,12 +60,11 @@ class Registrar:
         return sum(len(t) for t in self._bindings.values())
 
     def next_expiry(self) -> float | None:
-        """When the earliest binding lapses."""
+        """When the earliest binding may lapse (an extended one is re-checked then)."""
         heap = self._expiry
         while heap:
             when, aor, key = heap[0]
-            b = self._bindings.get(aor, {}).get(key)
-            if b is not None and b.expires_at == when:
+            if key in self._bindings.get(aor, {}):
                 return when
             heapq.heappop(heap)
         return None
@@ -84,7 +83,11 @@ class Registrar:
             when, aor, key = heapq.heappop(heap)
             table = self._bindings.get(aor)
             b = table.get(key) if table else None
-            if b is None or b.expires_at != when:
+            if b is None:
+                continue
+            if b.expires_at > now:
+                # Refreshed since this entry was pushed: one entry per binding, re-pushed here.
+                heapq.heappush(heap, (b.expires_at, aor, key))
                 continue
             del table[key]  # type: ignore[union-attr]
             if not table:
@@ -152,9 +155,11 @@ class Registrar:
             b = Binding(aor=aor, contact=str(c.uri), key=key, expires_at=now + expires,
                         call_id=call_id, cseq=cseq, flow=flow, q=c.params.get("q"),
                         user_agent=ua, params=format_params(params))
-            is_new = key not in table
+            old_b = table.get(key)
+            is_new = old_b is None
             table[key] = b
-            heapq.heappush(self._expiry, (b.expires_at, aor, key))
+            if old_b is None or b.expires_at < old_b.expires_at:
+                heapq.heappush(self._expiry, (b.expires_at, aor, key))
             actions.append(SaveBinding(b))
             if is_new:
                 log.info("registered: %s %s via %s expires %ds", aor, b.contact, flow, expires)

@@ -279,3 +279,15 @@ def test_authenticator_other_realm_or_scheme_means_challenge() -> None:
                                 'response="r"'], 0.0).outcome is AuthOutcome.MISSING
     assert a.check("REGISTER", ['Digest username="101", realm="pbx", nonce="x", uri="u", '
                                 'response="r", algorithm=SHA-512'], 0.0).outcome is AuthOutcome.MALFORMED
+
+
+def test_refreshes_keep_one_expiry_entry_and_still_lapse(switch) -> None:
+    clock = FakeClock()
+    for i in range(10):
+        assert authed_register(switch, clock, call_id="r", cseq=10 + 2 * i, expires="60").status == 200
+        clock.advance(30)
+    assert len(switch.registrar._expiry) == 1  # refreshes do not pile up heap entries
+    run_until(switch, clock, clock.now + 29)
+    assert len(switch.registrar.lookup("101", clock.now)) == 1
+    run_until(switch, clock, clock.now + 2)
+    assert switch.registrar.lookup("101", clock.now) == []
