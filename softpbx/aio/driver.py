@@ -34,6 +34,7 @@ class SwitchDriver:
         """Set by the app when recording is on."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
+        self._store_handle: asyncio.TimerHandle | None = None
 
     def wall_offset(self) -> float:
         """Wall-clock time minus loop time (the store keeps wall times)."""
@@ -76,12 +77,20 @@ class SwitchDriver:
                 elif self.store is not None:
                     self.store.apply(action, wall_offset=offset)
                 action = sw.next_action()
+        store = self.store
+        if store is not None and store.buffered and self._store_handle is None:
+            self._store_handle = self.loop.call_later(0.05, self._hand_over)
         when = sw.get_timer()
         if when != self._timer_at:
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = self.loop.call_at(when, self._on_timer) if when is not None else None
             self._timer_at = when
+
+    def _hand_over(self) -> None:
+        self._store_handle = None
+        if self.store is not None:
+            self.store.hand_over()
 
     def kick(self) -> None:
         """Re-arm the timer after state was installed from outside (start-up load)."""

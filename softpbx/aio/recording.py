@@ -108,11 +108,13 @@ class RecordingManager:
                     "UPDATE recordings SET status='ready', duration=?, size=?, finished_at=?,"
                     " reason='recovered after a restart' WHERE call_id=?",
                     (r.duration_seconds, r.size_bytes, time.time(), call_id))
+                self.store.hand_over()
                 log.info("recording of %s recovered after a restart", call_id)
             else:
                 self.store.execute(
                     "UPDATE recordings SET status='failed', reason='interrupted by a restart',"
                     " finished_at=? WHERE call_id=?", (time.time(), call_id))
+                self.store.hand_over()
                 log.warning("recording of %s lost to a restart", call_id)
 
     # -- per call -----------------------------------------------------------------------------
@@ -136,6 +138,7 @@ class RecordingManager:
             "INSERT OR REPLACE INTO recordings (call_id, token_hash, path, status, created_at)"
             " VALUES (?,?,?,'recording',?)",
             (act.call_id, token_hash(act.token), act.path, time.time()))
+        self.store.hand_over()
         channels = rec.channels
         level = self.settings.compression_level
 
@@ -193,6 +196,7 @@ class RecordingManager:
                 self.store.execute(
                     "UPDATE recordings SET status='ready', duration=?, size=?, finished_at=?"
                     " WHERE call_id=?", (f.duration_seconds, f.size_bytes, time.time(), act.call_id))
+                self.store.hand_over()
                 log.info("recording ready: call %s %.1f s %d bytes %s", act.call_id,
                          f.duration_seconds, f.size_bytes, link)
                 result = FinishedRecording(act.call_id, link, f.duration_seconds, f.size_bytes)
@@ -202,6 +206,7 @@ class RecordingManager:
                 await self.loop.run_in_executor(self._pool, writer.abort)
             self.store.execute("UPDATE recordings SET status='failed', reason=?, finished_at=?"
                                " WHERE call_id=?", (reason, time.time(), act.call_id))
+            self.store.hand_over()
             result = FinishedRecording(act.call_id, None, reason=reason)
         self._active.pop(act.call_id, None)
         if self.on_finished is not None:
@@ -254,6 +259,7 @@ class RecordingManager:
                 os.unlink(path)
             self.store.execute("UPDATE recordings SET status='deleted', finished_at=? WHERE call_id=?",
                                (now, call_id))
+            self.store.hand_over()
         if victims:
             log.info("retention: %d recordings deleted", len(victims))
         return len(victims)

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import secrets
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ParseError
-from .headers import parse_quoted
 
 _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 
@@ -35,47 +35,35 @@ def ha1(algorithm: str, user: str, realm: str, password: str) -> str:
     return h(algorithm, f"{user}:{realm}:{password}")
 
 
+# auth-param = token "=" ( token / quoted-string ), separated by commas (RFC 2617 §1.2)
+_AUTH_PARAM_RE = re.compile(r'\s*,?\s*([A-Za-z0-9_-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,"]*))')
+_QUOTED_PAIR_RE = re.compile(r"\\(.)")
+
+
 def parse_credentials(value: str) -> tuple[str, dict[str, str]]:
     """Parse ``Authorization``/``WWW-Authenticate`` value: (scheme, params with quotes removed).
 
     ``credentials = auth-scheme LWS auth-param *(COMMA auth-param)``
     """
     s = value.strip()
-    sp = 0
-    while sp < len(s) and s[sp] not in " \t":
-        sp += 1
-    scheme = s[:sp]
+    scheme, _, rest = s.partition(" ")
     params: dict[str, str] = {}
-    i = sp
-    n = len(s)
-    while i < n:
-        while i < n and s[i] in " \t,":
-            i += 1
-        if i >= n:
-            break
-        j = i
-        while j < n and s[j] not in "= \t":
-            j += 1
-        name = s[i:j].lower()
-        i = j
-        while i < n and s[i] in " \t":
-            i += 1
-        if i >= n or s[i] != "=":
+    pos = 0
+    rest = rest.strip()
+    n = len(rest)
+    match = _AUTH_PARAM_RE.match
+    while pos < n:
+        m = match(rest, pos)
+        if m is None or m.end() == pos:
+            if rest[pos:].strip(" \t,") == "":
+                break
             raise ParseError("Bad auth-param")
-        i += 1
-        while i < n and s[i] in " \t":
-            i += 1
-        if i < n and s[i] == '"':
-            val, i = parse_quoted(s, i)
+        quoted = m.group(2)
+        if quoted is not None:
+            params[m.group(1).lower()] = _QUOTED_PAIR_RE.sub(r"\1", quoted) if "\\" in quoted else quoted
         else:
-            j = i
-            while j < n and s[j] not in ", \t":
-                j += 1
-            val = s[i:j]
-            i = j
-        if not name:
-            raise ParseError("Bad auth-param")
-        params[name] = val
+            params[m.group(1).lower()] = m.group(3)
+        pos = m.end()
     return scheme, params
 
 

@@ -42,6 +42,7 @@ class SqliteStore:
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.close()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._buffer: list[tuple[str, tuple[object, ...]]] = []
         self._thread = threading.Thread(target=self._writer, name="softpbx-store", daemon=True)
         self._thread.start()
 
@@ -86,7 +87,7 @@ class SqliteStore:
         if isinstance(action, SaveBinding):
             b = action.binding
             f = b.flow
-            self._queue.put((
+            self._write((
                 "INSERT OR REPLACE INTO registrations (aor, key, contact, params, expires_at,"
                 " call_id, cseq, transport, remote_ip, remote_port, local_ip, local_port, q,"
                 " user_agent, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -95,7 +96,7 @@ class SqliteStore:
                  b.user_agent, time.time())))
         elif isinstance(action, WriteCdr):
             r = action.record
-            self._queue.put((
+            self._write((
                 "INSERT OR REPLACE INTO cdr (call_id, sip_call_id, direction, caller, callee, did,"
                 " extension, gateway, started_at, answered_at, ended_at, duration, disposition,"
                 " sip_code, cause) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
@@ -104,13 +105,29 @@ class SqliteStore:
                  None if r.answered_at is None else r.answered_at + wall_offset,
                  r.ended_at + wall_offset, r.duration, r.disposition, r.sip_code, r.cause)))
         elif isinstance(action, DeleteBinding):
-            self._queue.put(("DELETE FROM registrations WHERE aor=? AND key=?",
+            self._write(("DELETE FROM registrations WHERE aor=? AND key=?",
                              (action.aor, action.key)))
 
     # -- recordings index ---------------------------------------------------------------------
     def execute(self, sql: str, args: tuple[object, ...]) -> None:
         """Queue one write (for the shell's own tables: the recordings index)."""
-        self._queue.put((sql, args))
+        self._write((sql, args))
+
+    def _write(self, item: tuple[str, tuple[object, ...]]) -> None:
+        # Buffered on the event loop's thread and handed to the writer in batches
+        # (hand_over): one thread wake-up per batch, not per registration.
+        self._buffer.append(item)
+
+    @property
+    def buffered(self) -> int:
+        """Writes waiting to be handed to the writer thread."""
+        return len(self._buffer)
+
+    def hand_over(self) -> None:
+        """Give the buffered writes to the writer thread (the shell calls this every ~50 ms)."""
+        if self._buffer:
+            batch, self._buffer = self._buffer, []
+            self._queue.put(batch)
 
     def recording_by_hash(self, token_hash: str) -> tuple[str, str, str] | None:
         """(path, status, call_id) of the recording whose token hashes to ``token_hash``."""
@@ -134,12 +151,14 @@ class SqliteStore:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued so far is written (tests, shutdown)."""
+        self.hand_over()
         done = threading.Event()
         self._queue.put(done)
         return done.wait(timeout)
 
     def close(self) -> None:
         """Write what is queued and stop the writer."""
+        self.hand_over()
         self._queue.put(_STOP)
         self._thread.join(timeout=10.0)
 
@@ -165,6 +184,9 @@ class SqliteStore:
                             stop = True
                         elif isinstance(it, threading.Event):
                             events.append(it)
+                        elif isinstance(it, list):
+                            for sql, args in it:
+                                db.execute(sql, args)
                         else:
                             sql, args = it  # type: ignore[misc]
                             db.execute(sql, args)
