@@ -192,7 +192,7 @@ class RtpRelay:
         record = self._sessions.pop(session, None)
         if record is None:
             return
-        session.tap = None
+        session.detach()
         for port in record.ports:
             self._ports.release(port)
         if record.attach is not None and not record.attach.done():

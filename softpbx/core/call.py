@@ -455,6 +455,18 @@ class Call:
                 started_at=self.created_at, answered_at=self.answered_at, ended_at=now,
                 disposition=self.disposition, sip_code=self.sip_code, cause=self.cause)
             self.host.call_ended(self, WriteCdr(rec))
+            self._release()
+
+    def _release(self) -> None:
+        """Let go of what a finished call no longer needs. Its legs may live on for a few
+        seconds in transactions that still absorb retransmissions; they must not keep the
+        call, its SDP and its media alive (nor leave cycles for the garbage collector)."""
+        for leg in (self.a, *self.b_legs, *([self.answered] if self.answered else [])):
+            leg.call = _ENDED
+            leg.request.shrink()
+        self.b_legs = []
+        self.media = None
+        self._offer = self._answer = None
 
     def _end(self, now: float, code: int, cause: str) -> None:
         """Finish the call: answer the caller if it is still waiting, write the CDR."""
@@ -472,6 +484,16 @@ class Call:
 
 
 _PREFIX = {Direction.INBOUND: "in", Direction.OUTBOUND: "out", Direction.INTERNAL: "int"}
+
+
+class _EndedCall:
+    """What the legs of a finished call report to: nothing is listening any more."""
+
+    def handle(self, event: LegEvent, now: float) -> None:
+        """Late leg events (a 487 after our CANCEL, a BYE answer) need no action."""
+
+
+_ENDED = _EndedCall()
 
 
 def _quote(text: str) -> str:

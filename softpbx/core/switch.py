@@ -210,11 +210,11 @@ class Switch:
                 except SipError as exc:
                     self._refuse(ev.tx, exc, now)
             elif isinstance(ev, ResponseReceived):
-                owner = ev.tx.user_data
+                owner = ev.owner
                 if isinstance(owner, (Leg, GatewayRegistration)):
                     owner.on_response(ev.response, ev.tx, now)
             elif isinstance(ev, TransactionTimeout):
-                owner = ev.tx.user_data
+                owner = ev.owner
                 if isinstance(owner, (Leg, GatewayRegistration)) and ev.tx.kind in ("ict", "nict"):
                     owner.on_timeout(ev.tx, now)  # type: ignore[arg-type]
             elif isinstance(ev, MessageRejected):

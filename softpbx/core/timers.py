@@ -25,12 +25,28 @@ class TimerQueue:
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, TimerOwner, str]] = []
         self._seq = itertools.count()
+        self._compact_at = 1024
 
     def schedule(self, owner: TimerOwner, name: str, when: float) -> None:
         """Arm (or re-arm) ``owner``'s timer ``name`` at ``when``."""
         entry = next(self._seq)
         owner.timers[name] = entry
-        heapq.heappush(self._heap, (when, entry, owner, name))
+        heap = self._heap
+        heapq.heappush(heap, (when, entry, owner, name))
+        if len(heap) >= self._compact_at:
+            self._compact()
+
+    def _compact(self) -> None:
+        # Cancelled entries stay in the heap until they surface, and a cancelled 4-hour
+        # max-duration timer would keep its finished call alive for 4 hours: drop them all
+        # whenever the heap has doubled (amortised O(1) per schedule).
+        live = [e for e in self._heap if e[2].timers.get(e[3]) == e[1]]
+        heapq.heapify(live)
+        self._heap = live
+        self._compact_at = max(1024, 2 * len(live))
+
+    def __len__(self) -> int:
+        return len(self._heap)
 
     @staticmethod
     def cancel(owner: TimerOwner, name: str) -> None:

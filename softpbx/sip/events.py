@@ -64,6 +64,9 @@ class ResponseReceived:
     """The parsed response."""
     tx: ClientTransaction
     """The client transaction it belongs to."""
+    owner: object = None
+    """The transaction's ``user_data`` when the response arrived (the transaction may be
+    terminated, and have let go of it, by the time the event is read)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +85,8 @@ class TransactionTimeout:
 
     tx: ClientTransaction | ServerTransaction
     """The transaction that timed out."""
+    owner: object = None
+    """The transaction's ``user_data`` when it timed out."""
 
 
 @dataclass(frozen=True, slots=True)

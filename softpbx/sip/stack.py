@@ -28,6 +28,7 @@ from .events import (
     MessageRejected,
     Outgoing,
     RequestReceived,
+    ResponseReceived,
     SipEvent,
 )
 from .framing import PING, PONG
@@ -269,8 +270,9 @@ class SipStack:
         if tx is None:
             log.debug("response %d matches no transaction; dropped", resp.status)
             return
+        owner = tx.user_data  # read first: a final response may terminate the transaction
         if tx.on_response(resp, now):
-            self._emit(tx.response_event(resp))
+            self._emit(ResponseReceived(resp, tx, owner))
             if tx.cancel_pending and resp.status < 200:
                 tx.cancel_pending = False
                 self._send_cancel(tx, now)
@@ -316,6 +318,7 @@ class SipStack:
         table: dict = self._server if isinstance(tx, ServerTransaction) else self._client
         if table.get(tx.key) is tx:
             del table[tx.key]
+        tx.user_data = None  # legs point at their transactions: break the cycle
 
 
 def _hostport(addr: tuple[str, int]) -> str:

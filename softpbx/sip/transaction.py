@@ -11,7 +11,7 @@ import logging
 from enum import Enum
 from typing import Protocol
 
-from .events import Flow, ResponseReceived, TransactionTimeout
+from .events import Flow, TransactionTimeout
 from .message import Request, Response
 
 log = logging.getLogger("softpbx.sip.transaction")
@@ -185,9 +185,11 @@ class ServerTransaction(Transaction):
         reliable = self.flow.reliable
         if self.kind == "ist":
             if status < 300:
-                # RFC 6026 §7.1: Accepted, Timer L; 2xx retransmission is the TU's job.
+                # RFC 6026 §7.1: Accepted, Timer L; 2xx retransmission is the TU's job, and
+                # the TU no longer needs to hear from this transaction (no CANCEL can apply).
                 if self.state is S.PROCEEDING:
                     self._set_state(S.ACCEPTED)
+                    self.user_data = None
                     self._arm("L", now, 64 * self.host.t1)
                 return
             self._set_state(S.COMPLETED)
@@ -214,8 +216,9 @@ class ServerTransaction(Transaction):
             self._interval = min(2 * self._interval, self.host.t2)
             self._arm("G", now, self._interval)
         elif name == "H" and self.state is S.COMPLETED:
+            owner = self.user_data
             self._set_state(S.TERMINATED)
-            self.host._emit(TransactionTimeout(self))
+            self.host._emit(TransactionTimeout(self, owner))
         elif name in ("I", "J", "L"):
             self._set_state(S.TERMINATED)
 
@@ -326,11 +329,9 @@ class ClientTransaction(Transaction):
                 self._interval = min(2 * self._interval, self.host.t2)
             self._arm(name, now, self._interval)
         elif name in ("B", "F") and state in (S.CALLING, S.TRYING, S.PROCEEDING):
+            owner = self.user_data
             self._set_state(S.TERMINATED)
-            self.host._emit(TransactionTimeout(self))
+            self.host._emit(TransactionTimeout(self, owner))
         elif name in ("D", "K", "M"):
             self._set_state(S.TERMINATED)
 
-    def response_event(self, response: Response) -> ResponseReceived:
-        """The event handed to the TU for ``response``."""
-        return ResponseReceived(response, self)

@@ -429,3 +429,24 @@ def test_trunk_timeout_is_503_and_gateway_call_limit(net: Net) -> None:
                     auth=auth), ALICE)
     assert [m.status for m in net.take(ALICE)][-1] == 503
     assert net.take(CARRIER) == []  # the second is refused at the limit
+
+
+def test_callee_on_tcp_answers_and_hangs_up(net: Net) -> None:
+    # Over TCP a final response terminates the client transaction at once: the answer must
+    # still reach the leg that sent the INVITE.
+    tcp_phone = ("127.0.0.1", 5066)
+    tflow = Flow(Transport.TCP, tcp_phone, LOCAL)
+    net.sw.registrar._bindings.pop("103", None)
+    net.sw.registrar.load([Binding(aor="103", contact="sip:103@127.0.0.1:5066;transport=tcp",
+                                   key="t", expires_at=1e9, call_id="t", cseq=1, flow=tflow)])
+    place_call(net, "103")
+    net.take(ALICE)
+    (inv,) = net.take(tcp_phone)
+    assert inv.top_via.transport == "TCP" and ";transport=tcp" in inv.get("contact")
+    net.sw.receive(answer(inv, 200, body=sdp(50000), contact="<sip:103@127.0.0.1:5066;transport=tcp>"),
+                   tflow, net.clock.now)
+    net.collect()
+    assert [m.method for m in net.take(tcp_phone)] == ["ACK"]
+    assert [m.status for m in net.take(ALICE)] == [200]
+    (call,) = net.sw.calls.values()
+    assert call.state is CallState.ANSWERED
