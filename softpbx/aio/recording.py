@@ -141,9 +141,11 @@ class RecordingManager:
         self.store.hand_over()
         channels = rec.channels
         level = self.settings.compression_level
+        mode = self.settings.bitrate_mode
 
         def open_writer() -> None:
-            act.writer = Mp3Writer(act.path, channels=channels, compression_level=level)
+            act.writer = Mp3Writer(act.path, channels=channels, compression_level=level,
+                                   bitrate_mode=mode)
 
         self._queue(act, open_writer)
         act.flush_handle = self.loop.call_later(self.settings.flush_seconds, self._flush, act)

@@ -517,6 +517,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
     RecordingSettings: {
         "dir": _nonempty,
         "compression_level": _between(0.0, 1.0),
+        "bitrate_mode": _one_of("VARIABLE", "AVERAGE", "CONSTANT"),
         "max_age_days": _NOT_NEGATIVE,
         "max_total_mb": _NOT_NEGATIVE,
     },
