@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ..sip.auth import client_authorization
 from ..sip.dialog import Dialog
+from ..sip.errors import SipError
 from ..sip.events import Flow
 from ..sip.message import Request, Response
 from ..sip.stack import SipStack, new_tag
@@ -344,7 +345,16 @@ class OutboundLeg(Leg):
 
     def _on_2xx(self, resp: Response, tx: ClientTransaction, now: float) -> None:
         if self.dialog is None:
-            self.dialog = Dialog.as_uac(tx.request, resp)
+            try:
+                self.dialog = Dialog.as_uac(tx.request, resp)
+            except SipError as exc:
+                # A 2xx we cannot even ACK (no To tag): the callee is broken, the leg fails.
+                log.warning("leg %s: unusable 2xx: %s", self.label, exc.reason)
+                if self.state is not LegState.ENDED:
+                    self._finish()
+                    if not self._cancelled:
+                        self._emit(LegFailed(self, 502, "Bad Gateway"), now)
+                return
         ack = self._with_via(self.dialog.ack(tx.request.cseq.number), now)
         self.host.stack.send_stateless(ack, self.flow)
         if self.state is LegState.ANSWERED:

@@ -265,7 +265,7 @@ class Switch:
         if unsupported and method not in ("CANCEL", "ACK"):
             reply(tx, 420, now=now, to_tag=new_tag(), headers=[("Unsupported", ", ".join(unsupported))])
             return
-        if req.to.tag:
+        if req.to.tag and method != "REGISTER":  # some phones tag their REGISTER refreshes
             leg = self._dialog_leg(req)
             if leg is None or leg.ended:
                 reply(tx, 481, now=now)
@@ -342,6 +342,9 @@ class Switch:
         if req.body and ct is not None and ct != "application/sdp":
             reply(tx, 415, now=now, to_tag=new_tag(), headers=[("Accept", "application/sdp")])
             return
+        contacts = req.contacts
+        if not contacts or len(contacts) != 1:
+            raise ParseError("INVITE needs exactly one Contact")
         dialled = req.uri.unescaped_user
         gateway = self.gateway_for(flow)
         if gateway is not None:

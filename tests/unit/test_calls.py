@@ -21,6 +21,7 @@ from softpbx.sip.parser import parse_message
 from softpbx.sip.sdp import media_address, parse_sdp
 
 from .sipkit import LOCAL, FakeClock, challenge_params, crlf, digest, run_until
+from .test_registrar import authed_register, exchange, register
 
 ROOT = Path(__file__).resolve().parents[2]
 ALICE = ("127.0.0.1", 5061)      # extension 101's phone
@@ -450,3 +451,23 @@ def test_callee_on_tcp_answers_and_hangs_up(net: Net) -> None:
     assert [m.status for m in net.take(ALICE)] == [200]
     (call,) = net.sw.calls.values()
     assert call.state is CallState.ANSWERED
+
+
+def test_register_refresh_with_to_tag_still_registers(net: Net) -> None:
+    assert authed_register(net.sw, net.clock, call_id="tagged").status == 200
+    tagged = register(cseq=5, call_id="tagged").replace(b"To: <sip:101@127.0.0.1>",
+                                                         b"To: <sip:101@127.0.0.1>;tag=abc")
+    assert exchange(net.sw, tagged, net.clock).status == 401  # the registrar, not 481
+
+
+def test_invite_without_contact_400_and_callee_2xx_without_tag_fails_leg(net: Net) -> None:
+    net.feed(invite(to="74950000000", src=CARRIER).replace(b"Contact: <sip:101@127.0.0.1:5070>\r\n", b""),
+             CARRIER)
+    statuses = [m.status for m in net.take(CARRIER)]
+    assert statuses[-1] == 400
+    place_call(net, "102")
+    net.take(ALICE)
+    (b_inv,) = net.take(BOB)
+    bad = answer(b_inv, 200, body=sdp(50000)).replace(b";tag=callee-tag", b"")
+    net.feed(bad, BOB)
+    assert [m.status for m in net.take(ALICE)][-1] == 502
