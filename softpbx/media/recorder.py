@@ -46,7 +46,6 @@ Sans-IO: stdlib + numpy + config only; time is always an argument.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -57,6 +56,7 @@ import numpy.typing as npt
 
 from softpbx.config.schema import RecordingSettings
 from softpbx.media.g711 import decoder_table
+from softpbx.media.rtp import payload_bounds
 
 __all__ = [
     "SAMPLE_RATE",
@@ -98,7 +98,6 @@ _NOT_AUDIO: Final = frozenset({"TELEPHONE-EVENT", "CN"})
 _STREAMS_PER_SIDE: Final = 4
 """SSRCs remembered per side, so a late packet of a replaced stream still lands in place."""
 
-_RTP_HEADER: Final = struct.Struct("!BBHII")
 
 Int16Array = npt.NDArray[np.int16]
 
@@ -141,25 +140,13 @@ def parse_rtp(packet: bytes) -> RtpPayload | None:
 
 def _parse_rtp(packet: bytes) -> tuple[int, int, int, bytes] | None:
     # parse_rtp() without the result object: the flush loop calls this once per packet.
-    if len(packet) < 12:
+    fields = payload_bounds(packet)
+    if fields is None:
         return None
-    first, second, _seq, timestamp, ssrc = _RTP_HEADER.unpack_from(packet)
-    if first >> 6 != 2 or 192 <= second <= 223:  # RFC 5761 §4: 192..223 is RTCP
+    _, second, _, timestamp, ssrc, start, end = fields
+    if 192 <= second <= 223:  # RFC 5761 §4: RTCP multiplexed on the RTP port
         return None
-    offset = 12 + 4 * (first & 0x0F)
-    end = len(packet)
-    if first & 0x10:
-        if end < offset + 4:
-            return None
-        offset += 4 + 4 * int.from_bytes(packet[offset + 2 : offset + 4], "big")
-    if first & 0x20:
-        padding = packet[-1]
-        if padding == 0:
-            return None
-        end -= padding
-    if offset > end:
-        return None
-    return second & 0x7F, timestamp, ssrc, bytes(packet[offset:end])
+    return second & 0x7F, timestamp, ssrc, bytes(packet[start:end])
 
 
 @dataclass(frozen=True, slots=True)

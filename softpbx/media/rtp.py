@@ -81,28 +81,40 @@ def unpack_header(data: bytes) -> tuple[int, int, int, int, int]:
     return b1 >> 7, b1 & 0x7F, seq, ts, ssrc
 
 
-def parse_header(data: bytes) -> RtpHeader:
-    """The full RTP header of ``data``, with payload bounds (CSRCs, extension, padding)."""
+def payload_bounds(data: bytes) -> tuple[int, int, int, int, int, int, int] | None:
+    """``(first octet, second octet, sequence, timestamp, ssrc, payload start, payload end)``
+    of an RTP v2 packet, or ``None`` (not version 2, truncated, bad padding): the header walk
+    (RFC 3550 §5.1, §5.3.1) without building an object, shared by :func:`parse_header` and the
+    recorder's flush loop."""
     if len(data) < RTP_HEADER_SIZE:
-        raise RtpError("shorter than the RTP header")
+        return None
     b0, b1, seq, ts, ssrc = _unpack_fixed(data)
     if b0 >> 6 != 2:
-        raise RtpError("not RTP version 2")
-    cc = b0 & 0x0F
-    offset = RTP_HEADER_SIZE + 4 * cc
+        return None
+    offset = RTP_HEADER_SIZE + 4 * (b0 & 0x0F)
     if b0 & 0x10:
         # RFC 3550 §5.3.1: 16-bit profile-defined id, 16-bit length in 32-bit words.
         if len(data) < offset + 4:
-            raise RtpError("truncated header extension")
+            return None
         _, words = _EXT.unpack_from(data, offset)
         offset += 4 + 4 * words
     end = len(data)
     if b0 & 0x20:
-        if end == 0 or data[-1] == 0:
-            raise RtpError("bad padding")
+        if data[-1] == 0:
+            return None
         end -= data[-1]
     if offset > end:
-        raise RtpError("header longer than the packet")
+        return None
+    return b0, b1, seq, ts, ssrc, offset, end
+
+
+def parse_header(data: bytes) -> RtpHeader:
+    """The full RTP header of ``data``, with payload bounds (CSRCs, extension, padding)."""
+    fields = payload_bounds(data)
+    if fields is None:
+        raise RtpError("not a well-formed RTP version 2 packet")
+    b0, b1, seq, ts, ssrc, offset, end = fields
+    cc = b0 & 0x0F
     return RtpHeader(
         version=2,
         padding=bool(b0 & 0x20),
