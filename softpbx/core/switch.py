@@ -342,9 +342,6 @@ class Switch:
         if req.body and ct is not None and ct != "application/sdp":
             reply(tx, 415, now=now, to_tag=new_tag(), headers=[("Accept", "application/sdp")])
             return
-        contacts = req.contacts
-        if not contacts or len(contacts) != 1:
-            raise ParseError("INVITE needs exactly one Contact")
         dialled = req.uri.unescaped_user
         gateway = self.gateway_for(flow)
         if gateway is not None:
@@ -365,6 +362,12 @@ class Switch:
             caller_number = ext.effective_caller_id_number or ext.id
             caller_name = ext.effective_caller_id_name
             caller_ext = user
+        # RFC 3261 §8.1.1.8: a call needs exactly one Contact. Checked only once the source is
+        # trusted, so that an unauthenticated RFC 2543 INVITE (no Contact) is still challenged
+        # like any other (RFC 4475 §3.4.1 wants it processed, not refused as malformed).
+        contacts = req.contacts
+        if not contacts or len(contacts) != 1:
+            raise ParseError("INVITE needs exactly one Contact")
         if isinstance(route, NoRoute):
             log.info("no route for %r from %s: %d", dialled, flow, route.status)
             reply(tx, route.status, route.reason, now=now, to_tag=new_tag())
