@@ -200,6 +200,35 @@ def test_contacts_beyond_max_contacts_drop_the_soonest_to_lapse(pbx_factory: Pbx
         assert len(ok.get_all("contact")) == 2
 
 
+def test_out_of_order_register_is_refused(pbx: PbxProcess) -> None:
+    """RFC 3261 §10.3 step 7: same Call-ID, CSeq not higher than the binding's: the update is
+    aborted (500) and the binding stays."""
+    with SipClient("udp", pbx.sip_addr) as c:
+        c.cseq = 10
+        _, ok = c.register("101", "secret101")  # CSeq 11 (challenged), 12 (bound)
+        assert ok.status == 200 and ok.cseq.number == 12
+        c.cseq = 5
+        _, late = c.register("101", "secret101", expires=0)  # CSeq 6, 7: an old request
+        assert late.status == 500
+        assert len(pbx.registrations("101")) == 1
+
+
+def test_same_instance_from_a_new_address_replaces_its_binding(pbx: PbxProcess) -> None:
+    """RFC 5626 §6: ``+sip.instance``/``reg-id`` identify the phone; after a NAT rebinding
+    (new source port, new Contact port) it still has one binding, with the new source."""
+    instance = '+sip.instance="<urn:uuid:00000000-0000-1000-8000-000A95A0E128>";reg-id=1'
+    sources = []
+    for _ in range(2):
+        with SipClient("udp", pbx.sip_addr) as c:
+            _, ok = c.register("101", "secret101",
+                               contacts=[f"{c.contact('101', uri_params=';ob')};{instance}"])
+            assert ok.status == 200
+            assert len(ok.get_all("contact")) == 1
+            sources.append(f"udp:{HOST}:{c.local[1]}")
+    row, = pbx.wait_registrations("101", 1)
+    assert row["source"] == sources[-1]
+
+
 def test_credentials_of_one_extension_cannot_register_another(pbx: PbxProcess) -> None:
     """101's good credentials on a REGISTER for To: 102 are refused like a bad password."""
     with SipClient("udp", pbx.sip_addr) as c:
