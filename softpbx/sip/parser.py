@@ -14,6 +14,7 @@ mandatory headers, Content-Length, CSeq); the rest is parsed when read. Every pr
 
 from __future__ import annotations
 
+import functools
 import re
 
 from .errors import ParseError, SipError, VersionError
@@ -23,6 +24,12 @@ from .message import Message, Request, Response
 _FOLD_RE = re.compile(r"\r?\n[ \t]+")
 _VERSION_RE = re.compile(r"SIP/\d+\.\d+\Z", re.I)
 _REQUIRED = ("via", "from", "to", "call-id", "cseq")
+
+
+@functools.lru_cache(maxsize=512)
+def _is_token(name: str) -> bool:
+    """``field-name = token``; memoised: the same few dozen names come in every message."""
+    return TOKEN_RE.match(name) is not None
 
 
 def header_end(data: bytes | bytearray, start: int = 0) -> tuple[int, int]:
@@ -73,7 +80,7 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
             line_error = line_error or ParseError("Malformed header line")
             continue  # keep reading: the answer still needs Via, From, To, Call-ID, CSeq
         name = line[:colon].rstrip(" \t")
-        if not TOKEN_RE.match(name):
+        if not _is_token(name):
             line_error = line_error or ParseError("Malformed header name")
             continue
         value = line[colon + 1 :].strip(" \t")

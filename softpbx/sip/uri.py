@@ -25,6 +25,7 @@ _HOST_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-.]+|[A-Za-z0-9\-._~%!$
 _USER_CHARS = re.compile(r"[A-Za-z0-9\-_.!~*'()%&=+$,;?/:]+\Z")
 
 SIP_SCHEMES = frozenset({"sip", "sips"})
+_FORBIDDEN_RE = re.compile(r'[ \t\r\n<>"]')
 
 
 @dataclass(slots=True)
@@ -112,7 +113,7 @@ def parse_uri(text: str) -> Uri:
         raise ParseError(f"Bad URI scheme {scheme[:20]!r}")
     scheme = scheme.lower()
     rest = text[colon + 1 :]
-    if any(c in rest for c in " \t\r\n<>\""):
+    if _FORBIDDEN_RE.search(rest):
         raise ParseError("Bad URI: whitespace or delimiter inside")
     if scheme not in SIP_SCHEMES:
         if not rest:
