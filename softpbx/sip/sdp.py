@@ -238,6 +238,14 @@ def _parse_connection(value: str) -> Connection:
     return Connection(parts[0], parts[1], parts[2])
 
 
+def _first_connection(lines: list[SdpLine]) -> Connection | None:
+    """The first ``c=`` among ``lines`` (one section's, or the session part's)."""
+    for line in lines:
+        if line.type == "c":
+            return _parse_connection(line.value)
+    return None
+
+
 def _parse_origin(value: str) -> Origin:
     # origin-field = "o=" username SP sess-id SP sess-version SP nettype SP addrtype SP unicast-address
     parts = value.split()
@@ -342,10 +350,7 @@ class MediaDescription:
     @property
     def connection(self) -> Connection | None:
         """The media-level ``c=``, if any."""
-        for line in self.lines:
-            if line.type == "c":
-                return _parse_connection(line.value)
-        return None
+        return _first_connection(self.lines)
 
     def attributes(self, name: str) -> list[str | None]:
         """Values of this section's ``a=<name>`` lines, in order."""
@@ -445,10 +450,7 @@ class SessionDescription:
     @property
     def connection(self) -> Connection | None:
         """The session-level ``c=``, if any."""
-        for line in self.lines:
-            if line.type == "c":
-                return _parse_connection(line.value)
-        return None
+        return _first_connection(self.lines)
 
     @property
     def direction(self) -> Direction | None:
