@@ -239,6 +239,61 @@ def _decodable_frames(path: str) -> tuple[int, int]:
     return frames, rate
 
 
+# MPEG audio frame header (ISO/IEC 11172-3 §2.4.2.3, 13818-3; "2.5" is the 8 kHz extension):
+#   sync(11) version(2) layer(2) no-crc(1) | bitrate(4) rate(2) padding(1) private(1) | mode(2) ...
+_L3_KBPS_V1 = (0, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256, 320)
+_L3_KBPS_V2 = (0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160)
+_RATES = {3: (44100, 48000, 32000), 2: (22050, 24000, 16000), 0: (11025, 12000, 8000)}
+
+
+def _frame_length(header: int) -> int:
+    """Bytes of the Layer III frame starting with ``header``; 0 when it is not one."""
+    if header >> 21 != 0x7FF or (header >> 17) & 3 != 1:
+        return 0
+    version = (header >> 19) & 3
+    bitrate_i, rate_i = (header >> 12) & 15, (header >> 10) & 3
+    if version == 1 or bitrate_i in (0, 15) or rate_i == 3:
+        return 0
+    rate = _RATES[version][rate_i]
+    kbps = (_L3_KBPS_V1 if version == 3 else _L3_KBPS_V2)[bitrate_i]
+    per_frame = 144 if version == 3 else 72  # samples per frame / 8
+    return per_frame * kbps * 1000 // rate + ((header >> 9) & 1)
+
+
+def _repair_vbr_header(path: str) -> None:
+    """Fill in the Xing header LAME leaves zeroed until ``close()`` (VBR files).
+
+    Without it a decoder guesses the length from the first frame's bitrate and stops early
+    (a crashed 3 s VBR recording decoded as 0.9 s). The frames are counted by walking their
+    headers; a torn last frame is cut off. CBR files and complete files are left alone.
+    """
+    with open(path, "r+b") as f:
+        data = f.read()
+        if len(data) < 4:
+            return
+        first = int.from_bytes(data[:4], "big")
+        first_len = _frame_length(first)
+        if not first_len or len(data) < first_len:
+            return
+        version = (first >> 19) & 3
+        mono = (first >> 6) & 3 == 3
+        side_info = (17 if not mono else 9) if version == 3 else (9 if mono else 17)
+        tag_at = 4 + side_info
+        if any(data[4:first_len]) or first_len < tag_at + 16:
+            return  # not LAME's zeroed placeholder: nothing to repair
+        frames, pos = 0, first_len
+        while pos + 4 <= len(data):
+            n = _frame_length(int.from_bytes(data[pos : pos + 4], "big"))
+            if not n or pos + n > len(data):
+                break
+            frames += 1
+            pos += n
+        tag = b"Xing" + (3).to_bytes(4, "big") + frames.to_bytes(4, "big") + pos.to_bytes(4, "big")
+        f.seek(tag_at)
+        f.write(tag)
+        f.truncate(pos)
+
+
 def recover_partials(directory: str | os.PathLike[str]) -> list[RecoveredPartial]:
     """Finalise or delete the ``.part`` recordings a crash left in ``directory``.
 
@@ -263,6 +318,7 @@ def recover_partials(directory: str | os.PathLike[str]) -> list[RecoveredPartial
             reason = "final file already exists"
         else:
             try:
+                _repair_vbr_header(part_path)
                 frames, rate = _decodable_frames(part_path)
             except (RuntimeError, OSError) as exc:  # soundfile.LibsndfileError is a RuntimeError
                 reason = f"not decodable: {exc}"

@@ -141,3 +141,19 @@ def test_recover_partials(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crashed.mp3", "done.mp3"]
     assert recover_partials(tmp_path) == []
     assert recover_partials(tmp_path / "missing") == []
+
+
+@pytest.mark.parametrize("mode", ["CONSTANT", "VARIABLE"])
+def test_vbr_header_repair_leaves_complete_files_alone(tmp_path, mode: str) -> None:
+    import numpy as np
+
+    from softpbx.media.mp3 import Mp3Writer, _repair_vbr_header
+
+    t = np.arange(16000) / 8000
+    pcm = (8000 * np.sin(2 * np.pi * 440 * t)).astype(np.int16)
+    w = Mp3Writer(tmp_path / "ok.mp3", channels=1, bitrate_mode=mode, fsync=False)
+    w.write(pcm)
+    done = w.close()
+    before = (tmp_path / "ok.mp3").read_bytes()
+    _repair_vbr_header(done.path)
+    assert (tmp_path / "ok.mp3").read_bytes() == before

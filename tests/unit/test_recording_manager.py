@@ -442,16 +442,9 @@ def index_row(rig: Rig, call_id: str, path: Path, status: str = "recording") -> 
                                               time.time()))
 
 
-VBR_RECOVERY_BUG = (
-    "softpbx.media.mp3.recover_partials: a VBR .part has a zeroed Xing/Info placeholder as its "
-    "first frame (LAME fills it in at close), so libsndfile/mpg123 estimates the length from "
-    "file size / first frame's bitrate (32 kbps) and stops there: 3 s written, 37 MPEG frames "
-    "(2.66 s) on disk, 0.9 s decoded and indexed")
-
-
 @pytest.mark.parametrize("mode", [
     "CONSTANT",
-    pytest.param("VARIABLE", marks=pytest.mark.xfail(strict=True, reason=VBR_RECOVERY_BUG)),
+    "VARIABLE",  # LAME's zeroed Xing placeholder is filled in by recover_partials
 ])
 def test_recover_finalises_a_crashed_recording_and_fails_the_rest(tmp_path: Path,
                                                                   mode: str) -> None:
