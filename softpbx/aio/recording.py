@@ -68,6 +68,8 @@ class _Active:
     path: str = ""
     flush_handle: asyncio.TimerHandle | None = None
     failed: str | None = None
+    stopped: bool = False
+    """``stop`` ran: the file is being finalised (a second stop must not finalise it again)."""
     pending: int = 0
     tasks: set[asyncio.Future[None]] = field(default_factory=set)
 
@@ -169,8 +171,11 @@ class RecordingManager:
     def stop(self, call_id: str, at: float) -> None:
         """The recorded call ended at loop time ``at``."""
         act = self._active.get(call_id)
-        if act is None:
+        if act is None or act.stopped:
+            # Shutdown (aclose) stops every call still here, including one whose file is
+            # already being finalised: closing it twice would race two threads on one file.
             return
+        act.stopped = True
         if act.flush_handle is not None:
             act.flush_handle.cancel()
         act.media.tap = None

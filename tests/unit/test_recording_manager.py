@@ -10,6 +10,7 @@ segment formula), so a symmetric codec bug could not hide itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import re
@@ -484,3 +485,35 @@ def test_recover_finalises_a_crashed_recording_and_fails_the_rest(tmp_path: Path
     for name in ("garbage", "never-opened"):
         assert got[name]["status"] == "failed" and got[name]["reason"], got[name]
     assert got["done"]["status"] == "ready"  # untouched
+
+
+# -- shutdown while a call's file is being finalised ----------------------------------------
+def test_shutdown_while_a_finished_call_is_finalised_reports_it_once(tmp_path: Path) -> None:
+    """Server.stop() calls aclose(), which stops every call still in the manager -- including
+    one whose StopRecording was just handled and whose file is still being finalised."""
+    async def scenario() -> tuple[Rig, list[dict[str, Any]]]:
+        loop = asyncio.get_running_loop()
+        problems: list[dict[str, Any]] = []
+        loop.set_exception_handler(lambda _loop, context: problems.append(context))
+        rig = Rig(tmp_path, loop)
+        session = rig.session()
+        start = loop.time()
+        rig.manager.start(StartRecording("ending", session, {}, start))
+        play(loop, session, start, rtp_stream(ulaw(tone(440, 1.0)), ssrc=1, ts0=0, seq0=0),
+             rtp_stream(ulaw(tone(880, 1.0)), ssrc=2, ts0=0, seq0=0))
+        await asyncio.sleep(start + 1.0 - loop.time())
+        rig.manager.stop("ending", at=start + 1.0)
+        rig.manager.stop("ending", at=start + 1.5)  # a second stop is a no-op
+        await rig.close()  # aclose() at once: the finalise is still in flight
+        await asyncio.sleep(0.1)
+        gc.collect()  # "Task exception was never retrieved" is reported on collection
+        return rig, problems
+
+    rig, problems = run(scenario)
+    assert problems == []
+    assert len(rig.finished) == 1 and rig.finished[0].link, rig.finished
+    assert rig.finished[0].duration == pytest.approx(1.0)
+    assert sorted(p.name for p in rig.dir.iterdir()) == ["ending.mp3"]
+    audio, _ = sf.read(rig.dir / "ending.mp3", dtype="int16")
+    assert abs(len(audio) / RATE - 1.0) <= 0.1
+    assert rows(rig.db)["ending"]["status"] == "ready"
