@@ -253,7 +253,8 @@ class RecordingManager:
             horizon = now - s.max_age_days * 86400
             victims = [r for r in rows if r[2] < horizon]
         if s.max_total_mb:
-            keep = [r for r in rows if r not in victims]
+            aged = {r[0] for r in victims}
+            keep = [r for r in rows if r[0] not in aged]
             total = sum(r[3] for r in keep)
             limit = s.max_total_mb * 1024 * 1024
             for r in keep:
@@ -261,15 +262,25 @@ class RecordingManager:
                     break
                 victims.append(r)
                 total -= r[3]
-        for call_id, path, _, _ in victims:
+        for _, path, _, _ in victims:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            self.store.execute("UPDATE recordings SET status='deleted', finished_at=? WHERE call_id=?",
-                               (now, call_id))
-            self.store.hand_over()
         if victims:
+            # The store buffers writes on the loop's thread and is not thread-safe: a write
+            # queued from here could be lost in a concurrent hand-over. Mark them on the loop.
+            # (A loop already closed at shutdown: the rows stay 'ready' without a file, which
+            # serves 404, and the next start's retention marks them.)
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(self._mark_deleted, [r[0] for r in victims], now)
             log.info("retention: %d recordings deleted", len(victims))
         return len(victims)
+
+    def _mark_deleted(self, call_ids: list[str], at: float) -> None:
+        """Retention removed these recordings' files: their links answer 410 from now on."""
+        for call_id in call_ids:
+            self.store.execute("UPDATE recordings SET status='deleted', finished_at=?"
+                               " WHERE call_id=?", (at, call_id))
+        self.store.hand_over()
 
     async def aclose(self) -> None:
         """Finish what is in flight (calls still up are finalised at shutdown time)."""

@@ -18,6 +18,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -517,3 +518,39 @@ def test_shutdown_while_a_finished_call_is_finalised_reports_it_once(tmp_path: P
     audio, _ = sf.read(rig.dir / "ending.mp3", dtype="int16")
     assert abs(len(audio) / RATE - 1.0) <= 0.1
     assert rows(rig.db)["ending"]["status"] == "ready"
+
+
+def test_retention_in_a_worker_thread_writes_the_index_on_the_loop_thread(
+        tmp_path: Path) -> None:
+    """The server runs enforce_retention in an executor; SqliteStore buffers writes on the loop
+    thread without a lock, so index writes must not come from the worker."""
+    async def scenario() -> tuple[Rig, set[str]]:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop, RecordingSettings(max_age_days=1))
+        threads: set[str] = set()
+        store = rig.store
+        execute, hand_over = store.execute, store.hand_over
+
+        def spy_execute(sql: str, args: tuple[object, ...]) -> None:
+            threads.add("loop" if threading.get_ident() == loop_thread else "other")
+            execute(sql, args)
+
+        def spy_hand_over() -> None:
+            threads.add("loop" if threading.get_ident() == loop_thread else "other")
+            hand_over()
+
+        loop_thread = threading.get_ident()
+        for i in range(3):
+            ready_recording(rig, f"old{i}", seconds=0.2, created_at=time.time() - 5 * 86400)
+        assert store.flush()
+        store.execute, store.hand_over = spy_execute, spy_hand_over  # type: ignore[method-assign]
+        gone = await loop.run_in_executor(None, rig.manager.enforce_retention)
+        assert gone == 3
+        store.execute, store.hand_over = execute, hand_over  # type: ignore[method-assign]
+        await rig.close()
+        return rig, threads
+
+    rig, threads = run(scenario)
+    assert threads == {"loop"}
+    assert {r["status"] for r in rows(rig.db).values()} == {"deleted"}
+    assert list(rig.dir.iterdir()) == []
