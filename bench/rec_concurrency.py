@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from softpbx.config.schema import RecordingSettings
+
 TARGET_PCT_PER_CALL = 0.5
 GROWING_SLOPE = 0.2
 """MP3 jobs per second of backlog trend above which encoding is taken as falling behind."""
@@ -68,7 +70,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 async def _serve(a: argparse.Namespace) -> dict[str, Any]:
     from softpbx.aio.recording import FinishedRecording, RecordingManager
     from softpbx.aio.rtp_transport import RtpRelay
-    from softpbx.config.schema import MediaSettings, RecordingSettings
+    from softpbx.config.schema import MediaSettings
     from softpbx.core.events import StartRecording
     from softpbx.media.relay import LatchPolicy
     from softpbx.store.sqlite import SqliteStore
@@ -94,7 +96,8 @@ async def _serve(a: argparse.Namespace) -> dict[str, Any]:
     manager: RecordingManager | None = None
     store: SqliteStore | None = None
     finished: list[FinishedRecording] = []
-    rec_settings = RecordingSettings(flush_seconds=a.flush)
+    rec_settings = RecordingSettings(flush_seconds=a.flush, stereo=not a.mono,
+                                     compression_level=a.level, bitrate_mode=a.bitrate_mode)
     if a.record:
         os.makedirs(a.dir, exist_ok=True)
         store = SqliteStore(path=os.path.join(a.dir, "index.db"))
@@ -218,8 +221,10 @@ def generate(a: argparse.Namespace) -> None:
 
 
 # -- the comparison --------------------------------------------------------------------------------
-def _proc_cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
+def _proc_cpu(pid: int, tid: int | None = None) -> float:
+    """CPU seconds of a process (all threads), or of one of its threads."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
 
@@ -241,7 +246,9 @@ def run_one(a: argparse.Namespace, n: int, record: bool, payload: str) -> dict[s
            "--duration", str(a.gen_s + 60), "--flush", str(a.flush), "--dir", rec_dir,
            "--window-s", str(a.gen_s)]
     if record:
-        cmd.append("--record")
+        cmd += ["--record", "--level", str(a.level), "--bitrate-mode", a.bitrate_mode]
+        if a.mono:
+            cmd.append("--mono")
     sut = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
         assert sut.stdout is not None
@@ -259,9 +266,11 @@ def run_one(a: argparse.Namespace, n: int, record: bool, payload: str) -> dict[s
         else:
             gen_cmd = [*pin, sys.executable, os.path.abspath(__file__), "gen", "--base",
                        str(a.base), "--streams", str(2 * n), "--gen-s", str(a.gen_s)]
-        cpu0, t0 = _proc_cpu(sut.pid), time.monotonic()
+        # The main thread runs the loop (relay, tap, flushes); the rest are the MP3 workers
+        # and the SQLite writer.
+        loop0, cpu0, t0 = _proc_cpu(sut.pid, sut.pid), _proc_cpu(sut.pid), time.monotonic()
         gen = subprocess.run(gen_cmd, capture_output=True, text=True, timeout=a.gen_s + 30)
-        cpu1, t1 = _proc_cpu(sut.pid), time.monotonic()
+        loop1, cpu1, t1 = _proc_cpu(sut.pid, sut.pid), _proc_cpu(sut.pid), time.monotonic()
         if gen.returncode != 0:
             raise SystemExit(f"generator failed: {gen.stdout} {gen.stderr}")
         sink_out, _ = sink.communicate(timeout=a.gen_s + 30)
@@ -279,6 +288,7 @@ def run_one(a: argparse.Namespace, n: int, record: bool, payload: str) -> dict[s
         "payload": payload, "sent": sent, "received": received,
         "loss_pct": round(100 * (sent - received) / sent, 3) if sent else None,
         "wall_s": round(wall, 2), "cpu_s": round(cpu1 - cpu0, 2),
+        "loop_cpu_s": round(loop1 - loop0, 2),
         "cpu_pct": round(100 * (cpu1 - cpu0) / wall, 1),
     })
     # Backlog during the generator's run only: its peak, and its trend (least-squares slope,
@@ -317,17 +327,20 @@ def compare(a: argparse.Namespace) -> None:
 
     print(f"\nConcurrently recorded calls: 2 streams x {PPS} pps x {PKT_BYTES} B per call, "
           f"generator {a.gen_s:g} s, flush {a.flush:g} s, serve on CPU {a.sut_cpus}, "
-          f"generator+sink on CPU {a.gen_cpus}")
+          f"generator+sink on CPU {a.gen_cpus}; MP3 {'mono' if a.mono else 'stereo'} "
+          f"{a.bitrate_mode} level {a.level:g}")
     head = (f"{'payload':>8} {'calls':>5} {'loss% off/on':>13} {'CPU% off':>8} {'CPU% on':>8} "
-            f"{'rec %core/call':>14} {'backlog max':>11} {'slope/s':>7} {'lag ms max/p99':>14} "
+            f"{'rec %core/call':>14} {'(loop+workers)':>14} {'backlog max':>11} {'slope/s':>7} {'lag ms max/p99':>14} "
             f"{'files':>9} {'MB':>6} {'audio s':>11} {'finalise s':>10}")
     print(head)
     for payload, n, base, rec in rows:
         share = (rec["cpu_s"] - base["cpu_s"]) / rec["wall_s"] / n * 100
+        on_loop = (rec["loop_cpu_s"] - base["loop_cpu_s"]) / rec["wall_s"] / n * 100
         rec["rec_pct_per_call"] = round(share, 3)
+        split = f"{on_loop:.3f}+{share - on_loop:.3f}"
         files = f"{rec['files']}/{n}" + (f"+{rec['part_files']}p" if rec["part_files"] else "")
         print(f"{payload:>8} {n:>5} {base['loss_pct']:>6}/{rec['loss_pct']:<6} "
-              f"{base['cpu_pct']:>8} {rec['cpu_pct']:>8} {share:>14.3f} "
+              f"{base['cpu_pct']:>8} {rec['cpu_pct']:>8} {share:>14.3f} {split:>14} "
               f"{rec['backlog_max']:>11} {rec['backlog_slope']:>7} "
               f"{rec['lag_ms_max']:>7}/{rec['lag_ms_p99']:<6} {files:>9} {rec['mb']:>6} "
               f"{rec['audio_s_min']:>5}-{rec['audio_s_max']:<5} {rec['finalise_s']:>10}")
@@ -358,6 +371,12 @@ def main() -> None:
     ap.add_argument("--sut-cpus", default=os.environ.get("SUT_CPUS", "0,1"))
     ap.add_argument("--gen-cpus", default=os.environ.get("GEN_CPUS", "0"))
     ap.add_argument("--record", action="store_true", help="serve: record every session")
+    defaults = RecordingSettings()
+    ap.add_argument("--mono", action="store_true", help="record a mono mix (default stereo)")
+    ap.add_argument("--level", type=float, default=defaults.compression_level,
+                    help="recording.compression_level")
+    ap.add_argument("--bitrate-mode", default=defaults.bitrate_mode,
+                    help="recording.bitrate_mode")
     ap.add_argument("--dir", default="", help="serve: recordings directory")
     ap.add_argument("--duration", type=float, default=90.0, help="serve: exit after this long")
     ap.add_argument("--streams", type=int, default=0, help="gen: streams to send")
