@@ -74,6 +74,11 @@ class Leg:
         self.timers: dict[str, int] = {}
         self._offer_tx: ClientTransaction | None = None
         self._offer_from_peer: ServerTransaction | None = None
+        self._pending_2xx: bytes | None = None
+        """A 2xx to an INVITE of this leg's party, re-sent until its ACK (UDP only)."""
+        self._pending_2xx_cseq = -1
+        """CSeq of the INVITE that 2xx answers (-1: no ACK awaited)."""
+        self._interval = 0.0
         self.extension = ""
         """Extension behind this leg, when it is a phone."""
         self.gateway = ""
@@ -136,7 +141,32 @@ class Leg:
         headers = [("Contact", self.host.contact_for(self.flow))]
         if sdp:
             headers.append(("Content-Type", SDP))
-        self.host.stack.reply(tx, status, now=now, headers=headers, body=sdp or b"")
+        resp = self.host.stack.reply(tx, status, now=now, headers=headers, body=sdp or b"")
+        if tx.method == "INVITE" and 200 <= status < 300:
+            self._await_ack(resp, tx.request.cseq.number, now)
+
+    # -- 2xx to INVITE: re-sent until the ACK (RFC 3261 §13.3.1.4) ---------------------------
+    def _await_ack(self, resp: Response, cseq: int, now: float) -> None:
+        """``resp`` (a 2xx to the INVITE with CSeq ``cseq``) went out: the UAS core, not the
+        transaction, re-sends it over UDP from T1 doubling to T2 until the ACK comes, and
+        ends the dialog if none comes within 64*T1 (RFC 6026 §7.1 moved this out of the
+        transaction). This holds for re-INVITEs (hold/resume) as much as for the first."""
+        t1 = self.host.stack.t1
+        self._pending_2xx_cseq = cseq
+        if not self.flow.reliable:
+            self._pending_2xx = resp.serialize()
+            self._interval = t1
+            self.host.timers.schedule(self, "2xx", now + t1)
+        self.host.timers.schedule(self, "no_ack", now + 64 * t1)
+
+    def on_ack(self, req: Request, now: float) -> None:
+        """An ACK for a 2xx this leg sent (initial INVITE or re-INVITE) arrived."""
+        if req.cseq.number != self._pending_2xx_cseq:
+            return  # a late duplicate ACK of an earlier INVITE
+        self._pending_2xx = None
+        self._pending_2xx_cseq = -1
+        TimerQueue.cancel(self, "2xx")
+        TimerQueue.cancel(self, "no_ack")
 
     def offer(self, sdp: bytes | None, now: float) -> None:
         """Send a re-INVITE to this leg's party (the other party re-negotiated)."""
@@ -182,6 +212,19 @@ class Leg:
 
     def on_timer(self, name: str, now: float) -> None:
         """A timer of this leg fired."""
+        if name == "2xx" and self._pending_2xx is not None:
+            self.host.stack._send(self.flow, self._pending_2xx)
+            self._interval = min(2 * self._interval, self.host.stack.t2)
+            self.host.timers.schedule(self, "2xx", now + self._interval)
+        elif name == "no_ack" and self.state is LegState.ANSWERED:
+            # RFC 3261 §13.3.1.4: no ACK within 64*T1: end the dialog with a BYE.
+            TimerQueue.cancel(self, "2xx")
+            self._pending_2xx = None
+            self._pending_2xx_cseq = -1
+            self._send_bye(now)
+            self._finish()
+            who = "caller" if self.label == "a" else f"callee {self.label}"
+            self._emit(LegHungUp(self, f"no ACK from {who}"), now)
 
 
 class InboundLeg(Leg):
@@ -195,8 +238,6 @@ class InboundLeg(Leg):
         self.local_tag = new_tag()
         self._ringing_sent = False
         self._early_sdp_sent = False
-        self._pending_2xx: bytes | None = None
-        self._interval = 0.0
 
     @property
     def initial_sdp(self) -> bytes | None:
@@ -234,11 +275,7 @@ class InboundLeg(Leg):
         self.dialog = Dialog.as_uas(self.request, self.local_tag)
         self.host.add_dialog(self.dialog, self)
         self.state = LegState.ANSWERED
-        if not self.flow.reliable:
-            self._pending_2xx = resp.serialize()
-            self._interval = self.host.stack.t1
-            self.host.timers.schedule(self, "2xx", now + self._interval)
-        self.host.timers.schedule(self, "no_ack", now + 64 * self.host.stack.t1)
+        self._await_ack(resp, self.request.cseq.number, now)
 
     def reject(self, status: int, reason: str | None, now: float) -> None:
         """Refuse the call with a final response."""
@@ -263,25 +300,6 @@ class InboundLeg(Leg):
         self.host.stack.reply(self.tx, 487, now=now, to_tag=self.local_tag)
         self._finish()
         self._emit(LegHungUp(self, "caller cancelled"), now)
-
-    def on_ack(self, req: Request, now: float) -> None:
-        """The ACK for our 2xx (initial or re-INVITE) arrived."""
-        self._pending_2xx = None
-        TimerQueue.cancel(self, "2xx")
-        TimerQueue.cancel(self, "no_ack")
-
-    def on_timer(self, name: str, now: float) -> None:
-        if name == "2xx" and self._pending_2xx is not None:
-            self.host.stack._send(self.flow, self._pending_2xx)
-            self._interval = min(2 * self._interval, self.host.stack.t2)
-            self.host.timers.schedule(self, "2xx", now + self._interval)
-        elif name == "no_ack" and self.state is LegState.ANSWERED:
-            # RFC 3261 §13.3.1.4: no ACK within 64*T1: end the dialog with a BYE.
-            TimerQueue.cancel(self, "2xx")
-            self._pending_2xx = None
-            self._send_bye(now)
-            self._finish()
-            self._emit(LegHungUp(self, "no ACK from caller"), now)
 
 
 class OutboundLeg(Leg):

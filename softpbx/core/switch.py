@@ -239,7 +239,7 @@ class Switch:
             leg = self._dialog_leg(req)
         except SipError:
             return
-        if isinstance(leg, InboundLeg):
+        if leg is not None:
             leg.on_ack(req, now)
 
     def _refuse(self, tx: ServerTransaction, exc: SipError, now: float) -> None:

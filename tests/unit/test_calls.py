@@ -338,6 +338,73 @@ def test_reinvite_hold_passes_through(net: Net) -> None:
     assert call.on_hold
 
 
+def _statuses(msgs: list) -> list:
+    return [getattr(m, "status", None) for m in msgs]
+
+
+def test_reinvite_2xx_to_caller_resent_until_ack(net: Net) -> None:
+    # RFC 3261 §13.3.1.4 / RFC 6026: the 200 to a re-INVITE is re-sent by the UAS core (the
+    # transaction in Accepted absorbs the re-INVITE's retransmissions) until the ACK comes.
+    b_inv, ok = answered_call(net)
+    net.feed(in_dialog("INVITE", ok, frm_tag="caller-tag", to_tag=ok.to.tag, cseq=3, src=ALICE,
+                       frm="101", to="102", body=sdp(40000, direction="sendonly")), ALICE)
+    (reinv,) = [m for m in net.take(BOB) if m.method == "INVITE"]
+    net.feed(answer(reinv, 200, body=sdp(50000, direction="recvonly")), BOB)
+    net.take(BOB)
+    assert _statuses(net.take(ALICE)).count(200) == 1
+    net.advance(2.0)  # T1 = 0.5 s: re-sent at 0.5 and 1.5 s
+    assert _statuses(net.take(ALICE)).count(200) == 2
+    ack = in_dialog("ACK", ok, frm_tag="caller-tag", to_tag=ok.to.tag, cseq=3, src=ALICE,
+                    frm="101", to="102", branch="z9hG4bKack3")
+    net.feed(ack, ALICE)
+    net.advance(40.0)
+    assert _statuses(net.take(ALICE)).count(200) == 0
+    (call,) = net.sw.calls.values()
+    assert call.state is CallState.ANSWERED and call.on_hold
+
+
+def test_reinvite_2xx_to_callee_resent_and_no_ack_ends_call(net: Net) -> None:
+    b_inv, ok = answered_call(net)
+    callee_tag, our_tag = "callee-tag", b_inv.from_.tag
+    reinv = in_dialog("INVITE", b_inv, frm_tag=callee_tag, to_tag=our_tag, cseq=1, src=BOB,
+                      frm="102", to="101", body=sdp(50000, direction="sendonly"))
+    net.feed(reinv, BOB)
+    (a_reinv,) = [m for m in net.take(ALICE) if getattr(m, "method", "") == "INVITE"]
+    net.feed(Response(200, None, [(n, v) for n, v in a_reinv.headers
+                                  if n in ("Via", "From", "To", "Call-ID", "CSeq")]
+                      + [("Contact", "<sip:101@127.0.0.1:5061>"),
+                         ("Content-Type", "application/sdp")],
+                      sdp(40000, direction="recvonly")).serialize(), ALICE)
+    assert [m.method for m in net.take(ALICE)] == ["ACK"]
+    net.advance(4.0)  # 0.5, 1.5, 3.5: the first 200 and three re-sends, all to the callee
+    assert _statuses(net.take(BOB)).count(200) == 4
+    # no ACK at all ends the call with BYEs after 64*T1
+    net.advance(30.0)
+    assert "BYE" in [getattr(m, "method", None) for m in net.take(BOB)]
+    assert "BYE" in [getattr(m, "method", None) for m in net.take(ALICE)]
+    assert net.sw.calls == {} and "no ACK from callee" in net.cdrs[0].cause
+
+
+def test_reinvite_2xx_to_callee_stops_on_ack(net: Net) -> None:
+    b_inv, ok = answered_call(net)
+    our_tag = b_inv.from_.tag
+    net.feed(in_dialog("INVITE", b_inv, frm_tag="callee-tag", to_tag=our_tag, cseq=1, src=BOB,
+                       frm="102", to="101", body=sdp(50000, direction="sendonly")), BOB)
+    (a_reinv,) = [m for m in net.take(ALICE) if getattr(m, "method", "") == "INVITE"]
+    net.feed(Response(200, None, [(n, v) for n, v in a_reinv.headers
+                                  if n in ("Via", "From", "To", "Call-ID", "CSeq")]
+                      + [("Contact", "<sip:101@127.0.0.1:5061>"),
+                         ("Content-Type", "application/sdp")],
+                      sdp(40000, direction="recvonly")).serialize(), ALICE)
+    assert _statuses(net.take(BOB)).count(200) == 1
+    net.feed(in_dialog("ACK", b_inv, frm_tag="callee-tag", to_tag=our_tag, cseq=1, src=BOB,
+                       frm="102", to="101", branch="z9hG4bKboback"), BOB)
+    net.advance(40.0)
+    assert _statuses(net.take(BOB)).count(200) == 0
+    (call,) = net.sw.calls.values()
+    assert call.state is CallState.ANSWERED
+
+
 def test_rtp_timeout_hangs_up(net: Net) -> None:
     answered_call(net)
     net.advance(net.sw.config.media.rtp_timeout + 6)
