@@ -119,10 +119,12 @@ class GatewayRegistration:
     def _granted(self, resp: Response) -> int:
         want = self.gateway.expire_seconds
         for c in resp.contacts or []:
-            if c.uri.user == self.gateway.username and c.params.get("expires", "").isdigit():
-                return int(c.params["expires"])  # type: ignore[arg-type]
-        e = resp.get("expires")
-        return int(e) if e is not None and e.isdigit() else want
+            if c.uri.user == self.gateway.username:
+                granted = _seconds(c.params.get("expires"))
+                if granted is not None:
+                    return granted
+        granted = _seconds(resp.get("expires"))
+        return want if granted is None else granted
 
     def on_timeout(self, tx: ClientTransaction, now: float) -> None:
         """The provider did not answer."""
@@ -139,3 +141,13 @@ class GatewayRegistration:
         """Refresh or retry."""
         if name == "refresh":
             self.start(now)
+
+
+def _seconds(text: str | None) -> int | None:
+    """A provider's ``expires`` value (``1*DIGIT``), or ``None`` when absent or not a number."""
+    if text is None:
+        return None
+    text = text.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 10:
+        return None
+    return int(text)

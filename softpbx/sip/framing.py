@@ -55,11 +55,9 @@ class StreamFramer:
                     del buf[:4]
                     continue
                 if buf.startswith(b"\r\n"):
-                    if len(buf) == 2 or buf[2] != 13:
-                        del buf[:2]  # a pong, or a lone CRLF before a message
-                        continue
-                    if len(buf) < 4:
-                        break  # wait: could become a ping
+                    if len(buf) < 4 and buf[2:] == b"\r":
+                        break  # "\r\n\r": wait, it could become a ping
+                    del buf[:2]  # a pong, or a lone CRLF before a message (or more CRs)
                     continue
                 if len(buf) == 1 and buf[0] == 13:
                     break

@@ -102,10 +102,17 @@ class SipStack:
             self._reject(SipError(framing_error, 513 if "large" in framing_error else 400),
                          flow, now, close=True, msg=msg)
             return
+        # Headers are parsed lazily: one the parser did not check may still be malformed.
         if isinstance(msg, Response):
-            self._on_response(msg, flow, now)
+            try:
+                self._on_response(msg, flow, now)
+            except SipError as exc:
+                self._emit(MessageRejected(flow, exc.reason, None))  # a response: dropped
         else:
-            self._on_request(msg, flow, now)
+            try:
+                self._on_request(msg, flow, now)
+            except SipError as exc:
+                self._reject(exc, flow, now, msg=msg)
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer due at ``now``."""
@@ -208,11 +215,13 @@ class SipStack:
         via = req.top_via
         # RFC 3261 §18.2.1 / RFC 3581: note where the request really came from.
         ip, port = flow.remote
-        if via.host.strip("[]").lower() != ip or "rport" in via.params:
-            if via.host.strip("[]").lower() != ip:
-                via.params["received"] = ip
-            if "rport" in via.params:
-                via.params["rport"] = str(port)
+        # RFC 3581 §4: with rport, ``received`` goes in even when it equals the sent-by host.
+        if "rport" in via.params:
+            via.params["received"] = ip
+            via.params["rport"] = str(port)
+            _replace_top_via(req, str(via))
+        elif via.host.strip("[]").lower() != ip:
+            via.params["received"] = ip
             _replace_top_via(req, str(via))
         method = req.method
         key = _server_key(req, via)

@@ -344,3 +344,30 @@ def test_framer_eof_returns_rest_and_size_limit() -> None:
     g = StreamFramer(max_size=2000)
     out = g.feed(b"X" * 2500)
     assert g.broken == "Message too large" and len(out) == 1
+
+
+@pytest.mark.parametrize(("junk", "glued"), [
+    (b"\r\n\rX", b"X"), (b"\r\n\r\r\n", b""), (b"\r\n\r\r\r\r", b""), (b"\r\r\n\r", b""),
+])
+def test_framer_never_spins_on_stray_crs(junk: bytes, glued: bytes) -> None:
+    # "\r\n\r" followed by anything but "\n" once looped for ever without consuming a byte
+    # (one 4-byte TCP segment froze the whole process). Stray CR/LF are skipped; other bytes
+    # become the start of the next message (which the stack then answers with 400).
+    f = StreamFramer(max_size=65536)
+    out = f.feed(junk)
+    out += f.feed(LINPHONE_REGISTER)
+    assert out == [glued + LINPHONE_REGISTER] and f.broken is None
+
+
+def test_framer_waits_on_a_partial_ping() -> None:
+    f = StreamFramer(max_size=65536)
+    assert f.feed(b"\r\n\r") == []
+    assert f.feed(b"\n") == [PING]
+
+
+def test_via_port_with_thousands_of_digits_is_a_parse_error() -> None:
+    # int() of over 4300 digits raises ValueError (CPython's limit): it must be a 400, not a crash
+    with pytest.raises(ParseError):
+        parse_via("SIP/2.0/UDP host : " + "9" * 5000 + ";branch=z9hG4bK1")
+    with pytest.raises(ParseError):
+        parse_via("SIP/2.0/UDP host:" + "9" * 5000)
