@@ -10,6 +10,13 @@ from __future__ import annotations
 from collections import deque
 
 
+def loggable(text: str, limit: int = 64) -> str:
+    """``text`` from a peer, safe inside a quoted log field: at most ``limit`` characters,
+    control and non-ASCII characters escaped, no double quote. A username with a newline must
+    not forge a second failure line that bans someone else's address (fail2ban reads them)."""
+    return ascii(text[:limit])[1:-1].replace('"', "'")
+
+
 class FailureTracker:
     """Sliding-window failure counter with temporary bans, keyed by source IP."""
 

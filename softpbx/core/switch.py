@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from email.utils import formatdate
 
 from ..config.schema import Config, Gateway
 from ..sip.auth import FAILURES, AuthOutcome, DigestAuthenticator
@@ -32,7 +33,7 @@ from .gateway_reg import GatewayRegistration
 from .leg import InboundLeg, Leg
 from .registrar import IntervalTooBrief, Registrar
 from .routing import NoRoute, Router
-from .security import FailureTracker
+from .security import FailureTracker, loggable
 from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.switch")
@@ -91,6 +92,9 @@ class Switch:
                                        ban_time=config.auth.ban_time)
         self.gateways = gateway_matcher(config.gateways)
         self._actions: deque[Action] = deque()
+        self.wall_offset = 0.0
+        """Wall-clock (Unix) time minus ``now``; the shell keeps it current. The core reads no
+        clock: this only dates what goes on the wire (``Date`` in a REGISTER's 200)."""
 
     def start(self, now: float) -> None:
         """The shell is listening: register to the providers that want it."""
@@ -209,10 +213,22 @@ class Switch:
                     self._on_request(ev.request, ev.tx, ev.flow, now)
                 except SipError as exc:
                     self._refuse(ev.tx, exc, now)
+                except Exception:
+                    # A bug in softpbx, not the peer's fault: log it with its traceback and
+                    # still end the transaction (it has no timer before its final response
+                    # and would live for ever), then go on with the other events.
+                    log.exception("internal error handling %s from %s", ev.request.method,
+                                  ev.flow)
+                    if not ev.tx.final_sent:
+                        stack.reply(ev.tx, 500, now=now, to_tag=new_tag())
             elif isinstance(ev, ResponseReceived):
                 owner = ev.owner
                 if isinstance(owner, (Leg, GatewayRegistration)):
-                    owner.on_response(ev.response, ev.tx, now)
+                    try:
+                        owner.on_response(ev.response, ev.tx, now)
+                    except SipError as exc:  # a header parsed lazily, only now, was malformed
+                        log.warning("dropped a %d from %s: %s", ev.response.status, ev.tx.flow,
+                                    exc.reason)
             elif isinstance(ev, TransactionTimeout):
                 owner = ev.owner
                 if isinstance(owner, (Leg, GatewayRegistration)) and ev.tx.kind in ("ict", "nict"):
@@ -304,7 +320,7 @@ class Switch:
             auth_log.warning(
                 'softpbx auth failure: ip=%s port=%d transport=%s method=%s user="%s" reason=%s',
                 ip, flow.remote[1], flow.transport.value, req.method,
-                result.username.replace('"', "'")[:64], outcome.value)
+                loggable(result.username), outcome.value)
             if self.failures.record_failure(ip, now):
                 auth_log.warning("softpbx auth ban: ip=%s for %ds after %d failures", ip,
                                  self.config.auth.ban_time, self.config.auth.max_failures)
@@ -327,12 +343,14 @@ class Switch:
             # Credentials of one extension cannot register another: same answer as a bad password.
             auth_log.warning(
                 'softpbx auth failure: ip=%s port=%d transport=%s method=REGISTER user="%s" reason=aor_mismatch',
-                flow.remote[0], flow.remote[1], flow.transport.value, user[:64])
+                flow.remote[0], flow.remote[1], flow.transport.value, loggable(user))
             self.failures.record_failure(flow.remote[0], now)
             self.stack.reply(tx, 403, now=now, to_tag=new_tag())
             return
         headers, actions = self.registrar.register(req, aor, flow, now)
         self._actions.extend(actions)
+        # RFC 3261 §10.3 step 8: a Date header, so that phones without a clock can set one.
+        headers.append(("Date", formatdate(now + self.wall_offset, usegmt=True)))
         self.stack.reply(tx, 200, now=now, to_tag=new_tag(), headers=headers)
 
     def _on_invite(self, req: Request, tx: ServerTransaction, flow: Flow, now: float) -> None:

@@ -25,6 +25,11 @@ from .errors import ParseError
 _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 
 
+def _wire(text: str) -> bytes:
+    """A header's text back as the bytes that came in (the parser decoded them so)."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def h(algorithm: str, text: str) -> str:
     """The algorithm's hex digest of ``text`` (UTF-8)."""
     return _HASHES[algorithm](text.encode("utf-8", "surrogateescape")).hexdigest()
@@ -144,8 +149,9 @@ class DigestAuthenticator:
         stamp, dot, mac = nonce.rpartition(".")
         if not dot or not stamp or len(stamp) > 40:
             return None
-        want = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
-        if not hmac.compare_digest(want, mac):
+        want = hmac.new(self._secret, _wire(stamp), hashlib.sha256).hexdigest()[:32]
+        # compare bytes: compare_digest refuses non-ASCII str (a TypeError a peer could send)
+        if not hmac.compare_digest(want.encode(), _wire(mac)):
             return None
         try:
             issued = int(stamp.partition(".")[0], 16) / 1000.0
@@ -203,7 +209,7 @@ class DigestAuthenticator:
             expected = h(alg, f"{key_ha1}:{nonce}:{nc}:{cnonce}:auth:{ha2}")
         else:
             return AuthResult(AuthOutcome.MALFORMED, user)
-        matches = hmac.compare_digest(expected, response)
+        matches = hmac.compare_digest(expected.encode(), _wire(response))
         if not (known and matches):
             return AuthResult(AuthOutcome.UNKNOWN_USER if not known else AuthOutcome.WRONG_PASSWORD, user)
         if age > self.nonce_ttl:

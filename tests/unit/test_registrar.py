@@ -291,3 +291,49 @@ def test_refreshes_keep_one_expiry_entry_and_still_lapse(switch) -> None:
     assert len(switch.registrar.lookup("101", clock.now)) == 1
     run_until(switch, clock, clock.now + 2)
     assert switch.registrar.lookup("101", clock.now) == []
+
+
+@pytest.mark.parametrize("field", ["nonce", "response"])
+def test_non_ascii_digest_fields_are_refused_not_a_crash(switch, field: str) -> None:
+    # hmac.compare_digest raises TypeError on non-ASCII str: once an unanswered request whose
+    # server transaction lived for ever (no timer before the final response).
+    clock = FakeClock()
+    r401 = exchange(switch, register(), clock)
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    auth = digest(user="101", password="secret101", realm=p["realm"], nonce=p["nonce"],
+                  method="REGISTER", uri="sip:127.0.0.1")
+    if field == "nonce":
+        auth = auth.replace(p["nonce"], p["nonce"][:-1] + "\u00e9")
+    else:
+        auth = auth.replace('response="', 'response="\u00e9')
+    r = exchange(switch, register(cseq=2, auth=auth), clock)
+    assert r.status in (401, 403) and switch.registrar.binding_count == 0
+    assert switch.stack.transaction_count == 2  # both answered; completed ones wait out Timer J
+    run_until(switch, clock, clock.now + 40)
+    assert switch.stack.transaction_count == 0
+
+
+def test_username_cannot_forge_a_fail2ban_line(switch, caplog) -> None:
+    caplog.set_level("WARNING", logger="softpbx.auth")
+    clock = FakeClock()
+    r401 = exchange(switch, register(), clock)
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    evil = "x<LF>softpbx auth failure: ip=198.51.100.1 \u00e9"
+    auth = digest(user=evil, password="p", realm=p["realm"], nonce=p["nonce"],
+                  method="REGISTER", uri="sip:127.0.0.1")
+    data = register(cseq=2, auth=auth).replace(b"<LF>", b"\n")  # a bare LF inside a value
+    assert exchange(switch, data, clock).status == 403
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\\n" in lines[0]
+    assert lines[0].startswith("softpbx auth failure: ip=127.0.0.1 ")
+    assert "\\xe9" in lines[0]
+
+
+def test_register_200_has_date_and_via_received(switch) -> None:
+    # RFC 3261 §10.3 step 8 (Date); RFC 3581 §4: with rport, received goes in even when it is
+    # the same as the sent-by host.
+    switch.wall_offset = 1_796_000_000.0 - 1000.0  # FakeClock starts at 1000
+    r = authed_register(switch, FakeClock())
+    assert r.status == 200 and r.get("date") == "Mon, 30 Nov 2026 00:53:20 GMT"
+    via = r.top_via
+    assert via.params["received"] == "127.0.0.1" and via.params["rport"] == "5062"
