@@ -30,10 +30,14 @@ late and reordered packets still land. ``finish(now)`` emits everything up to ``
 recording's length is exactly the talk time. Only the un-flushed window is held: memory is bounded
 by the flush cadence, not the call length.
 
-Failure. A payload type that is neither G.711, DTMF nor CN (``G722``, ``opus``, an unmapped
-dynamic type ...) makes the recording fail: :attr:`CallRecorder.failure` gives the reason, the
-recorder drops its buffers and ignores further input, and the shell should abort the MP3 file and
-mark the call "not recorded". A partly recorded call is never published as if complete.
+Failure. Audio in a payload type that is neither G.711, DTMF nor CN (``G722``, ``opus``, an
+unmapped dynamic type ...) makes the recording fail: :attr:`CallRecorder.failure` gives the
+reason, the recorder drops its buffers and ignores further input, and the shell should abort the
+MP3 file and mark the call "not recorded". A partly recorded call is never published as if
+complete. A side fails once it has sent ``UNDECODABLE_LIMIT`` such packets (half a second of
+20 ms packets), or at ``finish`` if they outnumber its decodable ones; fewer, among good audio,
+are stray packets (a keep-alive in an unnegotiated type, a burst during a codec switch) and
+become silence. Packets with no payload (RFC 6263 keep-alives) are skipped whatever their type.
 
 Threads. The recorder is not thread-safe: ``feed``, ``flush`` and ``finish`` are meant to run on
 the event loop thread. ``flush`` takes well under a millisecond for a few seconds of a call; the
@@ -188,6 +192,9 @@ class _Stream:
         packet before this one was such a packet (a possible backward jump)."""
 
 
+UNDECODABLE_LIMIT: Final = 25
+"""Undecodable audio packets from one side after which the call cannot be recorded."""
+
 # What a payload type resolves to on one side: a decode table, ``None`` (not audio: skip), or
 # a string (the reason the recording cannot be made).
 _Resolved = npt.NDArray[np.int16] | str | None
@@ -196,10 +203,16 @@ _Resolved = npt.NDArray[np.int16] | str | None
 class _Track:
     """One side's pending packets, streams and un-flushed samples (internal)."""
 
-    __slots__ = ("buffer", "codecs", "pending", "resolved", "streams")
+    __slots__ = ("buffer", "codecs", "decodable", "pending", "resolved", "streams",
+                 "undecodable", "undecodable_reason")
 
     def __init__(self, codecs: Mapping[int, str]) -> None:
         self.pending: list[tuple[bytes, float]] = []
+        self.decodable = 0
+        """Audio packets of this side that could be decoded."""
+        self.undecodable = 0
+        """Audio packets of this side in a codec that cannot be decoded."""
+        self.undecodable_reason = ""
         self.streams: dict[int, _Stream] = {}
         self.codecs: dict[int, str] = dict(codecs)
         self.resolved: dict[int, _Resolved] = {}
@@ -334,6 +347,8 @@ class CallRecorder:
             return self._empty()
         for track in self._tracks:
             self._place(track)
+            if self._failure is None and track.undecodable > track.decodable:
+                self._fail(track.undecodable_reason)
         self._closed = True
         if self._failure is not None:
             return self._empty()
@@ -426,15 +441,20 @@ class CallRecorder:
                 self._malformed += 1
                 continue
             payload_type, timestamp, ssrc, payload = rtp
+            if not payload:
+                continue  # a keep-alive (RFC 6263 §4.6) carries no audio, whatever its type
             table = track.resolve(payload_type)
             if table is None:
                 self._ignored += 1
                 continue
             if isinstance(table, str):
-                self._fail(table)
-                return
-            if not payload:
+                track.undecodable += 1
+                track.undecodable_reason = table
+                if track.undecodable >= UNDECODABLE_LIMIT:
+                    self._fail(table)
+                    return
                 continue
+            track.decodable += 1
             arrival_pos = round((arrival - start) * rate)
             stream = streams.get(ssrc)
             if stream is None:

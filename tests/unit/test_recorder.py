@@ -11,6 +11,7 @@ from softpbx.config.schema import RecordingSettings
 from softpbx.media.g711 import PCMA_DECODE, PCMU_DECODE, alaw_encode
 from softpbx.media.recorder import (
     SAMPLE_RATE,
+    UNDECODABLE_LIMIT,
     CallRecorder,
     RtpPayload,
     Side,
@@ -280,8 +281,9 @@ def test_dynamic_payload_type_mapped_to_pcma() -> None:
 )
 def test_undecodable_codec_marks_not_recorded(codecs: dict, pt: int, needle: str) -> None:
     rec = CallRecorder(start=START, codecs=codecs)
-    feed_stream(rec, CALLER, range(10))
-    rec.feed(CALLEE, rtp(b"\x00" * 80, ts=0, pt=pt), START + 0.05)
+    feed_stream(rec, CALLER, range(30))
+    for i in range(UNDECODABLE_LIMIT):
+        rec.feed(CALLEE, rtp(b"\x00" * 80, ts=i * SPP, pt=pt), START + 0.05 + i * PTIME)
     out = rec.flush(START + 1.0)
     assert out.shape == (0, 2)
     assert rec.failure is not None and needle in rec.failure
@@ -289,6 +291,33 @@ def test_undecodable_codec_marks_not_recorded(codecs: dict, pt: int, needle: str
     assert rec.pending_packets == 0
     assert rec.finish(START + 2.0).shape == (0, 2)
     assert rec.held_samples == 0
+
+
+def test_short_undecodable_call_fails_at_finish() -> None:
+    # fewer packets than the limit, but nothing else on that side: still not recorded
+    rec = CallRecorder(start=START)
+    feed_stream(rec, CALLER, range(5))
+    for i in range(5):
+        rec.feed(CALLEE, rtp(b"\x00" * 80, ts=i * SPP, pt=9), START + i * PTIME)
+    assert rec.flush(START + 0.05).shape[1] == 2 and rec.failure is None
+    assert rec.finish(START + 0.1).shape == (0, 2)
+    assert rec.failure is not None and "G722" in rec.failure
+
+
+def test_stray_packets_in_other_types_do_not_spoil_the_recording() -> None:
+    # An RFC 6263 keep-alive (no payload, unnegotiated type) and a single stray packet of an
+    # undecodable type amid good audio: the call is recorded, the stray packet is silence.
+    rec = CallRecorder(start=START, stereo=False)
+    for k in range(50):
+        if k == 20:
+            rec.feed(CALLER, rtp(b"", ts=5000 + k * SPP, pt=123), START + k * PTIME)
+            rec.feed(CALLER, packet(k, pt=9), START + k * PTIME)
+        else:
+            rec.feed(CALLER, packet(k), START + k * PTIME)
+    out = rec.finish(START + 50 * PTIME)
+    assert rec.failure is None and len(out) == 50 * SPP
+    assert not chunk(out, 20).any()  # the stray G.722 packet: silence
+    assert (chunk(out, 19) == value(19)).all() and (chunk(out, 21) == value(21)).all()
 
 
 def test_set_codecs_applies_to_later_packets_only() -> None:
