@@ -2,9 +2,9 @@
 """Concurrently recorded calls: relay loss, encode backlog and CPU per call, with and without
 recording, in one run.
 
-  rec_concurrency.py [--calls 50,100,200] [--gen-s 25] [--payload silence|voice|both]
+  rec_concurrency.py [--calls 50,100,200] [--gen-s 25] [--payload silence|voice|conversation|both]
   rec_concurrency.py serve --calls N --base B --sink H:P [--record] ...   (used by the above)
-  rec_concurrency.py gen --base B --streams S --gen-s T --sink-free ...   (voice generator)
+  rec_concurrency.py gen --base B --streams S --gen-s T [--turns]   (voice generator)
 
 ``serve`` is the switch's media path in-process, on uvloop, production classes only:
 :class:`softpbx.aio.rtp_transport.RtpRelay` (``open_session``, ``set_remote``, the same
@@ -26,7 +26,11 @@ per side of every call) and ``rtpload sink`` counts what the relay forwards:
 * ``--payload silence``: the C generator ``$BENCH_TMP/rtpload gen`` (its payload is fixed
   0xFF bytes, mu-law digital silence; the cheapest audio for LAME);
 * ``--payload voice``: ``rec_concurrency.py gen``, a Python generator sending voice-like PCMU
-  (harmonic buzz with syllables and pauses, as ``bench/rec_bench.py``), the realistic cost.
+  (harmonic buzz with syllables and pauses, as ``bench/rec_bench.py``) on *both* sides of every
+  call at once: the worst case for the encoder (two people talking over each other all call);
+* ``--payload conversation``: the same speech, but the two sides of a call take turns (8 s
+  each, as people do): the side listening sends its microphone's noise floor (about -60 dBFS
+  of white noise, not digital silence, as a phone without VAD does).
 
 Generator and sink run on ``--gen-cpus`` (default core 0), ``serve`` on ``--sut-cpus`` (default
 0,1: the loop thread plus the MP3 worker threads; the target is a 2-core machine). CPU is the
@@ -181,26 +185,41 @@ def serve(a: argparse.Namespace) -> None:
 
 # -- voice generator ------------------------------------------------------------------------------
 def generate(a: argparse.Namespace) -> None:
-    """Send ``--streams`` PCMU streams of voice-like audio to BASE+2i at 50 pps each."""
+    """Send ``--streams`` PCMU streams of voice-like audio to BASE+2i at 50 pps each.
+
+    With ``--turns``, streams ``2k`` and ``2k+1`` (the two sides of call ``k``) take turns:
+    one talks while the other sends only its noise floor."""
     import numpy as np
 
     from softpbx.media.g711 import ulaw_encode
 
     rate, spp = 8000, 160
-    n = 10 * rate  # a 10 s loop of speech-like audio; each stream starts at another offset
+    # a loop of speech-like audio; each stream (each call, with --turns) starts at another offset
+    n = (16 if a.turns else 10) * rate
     t = np.arange(n) / rate
     f0 = 120 + 25 * np.sin(2 * np.pi * 0.3 * t)
     phase = 2 * np.pi * np.cumsum(f0) / rate
     x = sum(np.sin(k * phase) / k for k in range(1, 16))
     x = x * (0.5 + 0.5 * np.sin(2 * np.pi * 4 * t)) ** 2 * (np.sin(2 * np.pi * 0.2 * t) > -0.4)
-    x = x + 0.003 * np.random.default_rng(1).standard_normal(n)
-    codes = ulaw_encode((x / np.max(np.abs(x)) * 0.3 * 32767).astype(np.int16))
-    payloads = [codes[i:i + spp] for i in range(0, n, spp)]
+    x = x / np.max(np.abs(x)) * 0.3
+    rng = np.random.default_rng(1)
+    if a.turns:
+        talks = (t % 16) < 8  # side A talks the first 8 s of the loop, side B the next 8
+        sides = [x * talks, x * ~talks]
+    else:
+        sides = [x, x]
+    tables = []
+    for y in sides:
+        y = y + 0.001 * rng.standard_normal(n)  # a microphone's noise floor, about -60 dBFS
+        codes = ulaw_encode((y * 32767).astype(np.int16))
+        tables.append([codes[i:i + spp] for i in range(0, n, spp)])
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, 32, 8 << 20)  # SO_SNDBUFFORCE
     dests = [("127.0.0.1", a.base + 2 * i) for i in range(a.streams)]
-    offsets = [(37 * i) % len(payloads) for i in range(a.streams)]
+    npk = len(tables[0])
+    offsets = [(37 * (i // 2 if a.turns else i)) % npk for i in range(a.streams)]
+    streams = [tables[i % 2] for i in range(a.streams)]
     pack = struct.Struct("!BBHII").pack
     sent = errors = 0
     k = 0
@@ -209,7 +228,7 @@ def generate(a: argparse.Namespace) -> None:
         for i, dest in enumerate(dests):
             header = pack(0x80, 0, k & 0xFFFF, (k * spp) & 0xFFFFFFFF, i + 1)
             try:
-                sock.sendto(header + payloads[(offsets[i] + k) % len(payloads)], dest)
+                sock.sendto(header + streams[i][(offsets[i] + k) % npk], dest)
                 sent += 1
             except OSError:
                 errors += 1
@@ -266,6 +285,8 @@ def run_one(a: argparse.Namespace, n: int, record: bool, payload: str) -> dict[s
         else:
             gen_cmd = [*pin, sys.executable, os.path.abspath(__file__), "gen", "--base",
                        str(a.base), "--streams", str(2 * n), "--gen-s", str(a.gen_s)]
+            if payload == "conversation":
+                gen_cmd.append("--turns")
         # The main thread runs the loop (relay, tap, flushes); the rest are the MP3 workers
         # and the SQLite writer.
         loop0, cpu0, t0 = _proc_cpu(sut.pid, sut.pid), _proc_cpu(sut.pid), time.monotonic()
@@ -367,7 +388,11 @@ def main() -> None:
     ap.add_argument("--sink-port", type=int, default=9190)
     ap.add_argument("--gen-s", type=float, default=25.0)
     ap.add_argument("--flush", type=float, default=5.0, help="recording.flush_seconds")
-    ap.add_argument("--payload", default="both", choices=["silence", "voice", "both"])
+    ap.add_argument("--payload", default="both",
+                    choices=["silence", "voice", "conversation", "both"],
+                    help="both = silence and voice")
+    ap.add_argument("--turns", action="store_true",
+                    help="gen: the two sides of a call take turns (conversation)")
     ap.add_argument("--sut-cpus", default=os.environ.get("SUT_CPUS", "0,1"))
     ap.add_argument("--gen-cpus", default=os.environ.get("GEN_CPUS", "0"))
     ap.add_argument("--record", action="store_true", help="serve: record every session")
