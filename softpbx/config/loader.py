@@ -62,6 +62,11 @@ _MAIN_SECTIONS: dict[str, tuple[str, type]] = {
     "crm": ("crm", CrmSettings),
 }
 _PROFILE_NAMES = ("internal", "external")
+# ``--set`` sections naming one file of a folder: section -> (folder, its table, dataclass).
+_FILE_SECTIONS: dict[str, tuple[str, str, type]] = {
+    "directory": ("directory", "user", Extension),
+    "gateways": ("gateways", "gateway", Gateway),
+}
 
 # Extension ids, gateway and ring group names end up in SIP user parts and destinations
 # (``group:<name>``, ``gateway:<name>/<number>``), so they are kept to safe characters.
@@ -100,6 +105,12 @@ def load_config(profiles_dir: str | Path, overrides: Sequence[str] = ()) -> Conf
     for name in _PROFILE_NAMES:
         fname = f"{name}.toml"
         raw[fname] = _read_toml(root, fname) if (root / fname).is_file() else {}
+    # The other files are read here too, so that overrides patch them like the rest.
+    for folder, _, _ in _FILE_SECTIONS.values():
+        for rel, _ in _toml_files(root, folder):
+            raw[rel] = _read_toml(root, rel)
+    if (root / "dialplan.toml").is_file():
+        raw["dialplan.toml"] = _read_toml(root, "dialplan.toml")
 
     origins: dict[tuple[str, str], str] = {}
     for text in overrides:
@@ -257,8 +268,9 @@ def _read_toml(root: Path, rel: str) -> dict[str, Any]:
 def _apply_override(raw: dict[str, dict[str, Any]], text: str) -> tuple[str, str]:
     """Patch ``raw`` with one ``section.key=value``; return the (file, key) it touched.
 
-    ``section`` is a ``softpbx.toml`` section or ``internal``/``external`` (their
-    ``[profile]``). ``value`` is read as a TOML literal (``100``, ``true``, ``["MD5"]``,
+    ``section`` is a ``softpbx.toml`` section, ``internal``/``external`` (their
+    ``[profile]``), ``directory.<ext>`` / ``gateways.<name>`` (that file's table) or
+    ``dialplan.<inbound|outbound|ring_group>[<i>]`` (the i-th such table of the dial plan). ``value`` is read as a TOML literal (``100``, ``true``, ``["MD5"]``,
     ``"x"``) and otherwise taken as a plain string; a string field always gets the text as
     written unless it was quoted, and a list field accepts ``a,b,c``.
     """
@@ -268,12 +280,35 @@ def _apply_override(raw: dict[str, dict[str, Any]], text: str) -> tuple[str, str
     section, dot, key = path.partition(".")
     if not dot or not key:
         raise ConfigError(OVERRIDE_FILE, path, "expected section.key=value")
+    index: int | None = None
     if section in _MAIN_SECTIONS:
         cls, file, table = _MAIN_SECTIONS[section][1], MAIN_FILE, section
     elif section in _PROFILE_NAMES:
         cls, file, table = Profile, f"{section}.toml", "profile"
+    elif section in _FILE_SECTIONS:
+        # directory.<ext>.<key>, gateways.<name>.<key>: the file's one table
+        folder, table, cls = _FILE_SECTIONS[section]
+        stem, dot, key = key.rpartition(".")
+        if not dot or not stem or not key:
+            raise ConfigError(OVERRIDE_FILE, path, f"expected {section}.<name>.key=value")
+        file = f"{folder}/{stem}.toml"
+        if file not in raw:
+            raise ConfigError(OVERRIDE_FILE, path, f"no {file} in the profiles directory")
+    elif section == "dialplan":
+        # dialplan.<inbound|outbound|ring_group>[<i>].<key> (or .<i>.)
+        m = re.fullmatch(r"(inbound|outbound|ring_group)(?:\[(\d+)\]|\.(\d+))\.(\w+)", key)
+        if m is None:
+            raise ConfigError(OVERRIDE_FILE, path,
+                              "expected dialplan.<inbound|outbound|ring_group>[<i>].key=value")
+        table, key = m.group(1), m.group(4)
+        index = int(m.group(2) or m.group(3))
+        cls = {"inbound": InboundRoute, "outbound": OutboundRoute, "ring_group": RingGroup}[table]
+        file = "dialplan.toml"
+        entries = raw.get(file, {}).get(table)
+        if not isinstance(entries, list) or index >= len(entries):
+            raise ConfigError(OVERRIDE_FILE, path, f"dialplan.toml has no [[{table}]] #{index}")
     else:
-        allowed = ", ".join([*_MAIN_SECTIONS, *_PROFILE_NAMES])
+        allowed = ", ".join([*_MAIN_SECTIONS, *_PROFILE_NAMES, *_FILE_SECTIONS, "dialplan"])
         raise ConfigError(OVERRIDE_FILE, path, f"unknown section {section!r}; allowed: {allowed}")
     hints = _field_types(cls)
     if key not in hints or key == "name":
@@ -288,11 +323,16 @@ def _apply_override(raw: dict[str, dict[str, Any]], text: str) -> tuple[str, str
         value = value_text  # "crm.token=12345" means the string, not the integer
     elif typing.get_origin(target) is tuple and not isinstance(value, list):
         value = [v.strip() for v in value_text.split(",") if v.strip()]
-    tbl = raw[file].setdefault(table, {})
+    if index is not None:
+        tbl = raw[file][table][index]
+        where = f"{table}[{index}]"
+    else:
+        tbl = raw[file].setdefault(table, {})
+        where = table
     if not isinstance(tbl, dict):
-        raise ConfigError(file, table, "must be a table")
+        raise ConfigError(file, where, "must be a table")
     tbl[key] = value
-    return file, f"{table}.{key}"
+    return file, f"{where}.{key}"
 
 
 # --------------------------------------------------------------------------- generic checks
@@ -602,9 +642,13 @@ def _build_config(root: Path, raw: dict[str, dict[str, Any]]) -> Config:
         file = f"{name}.toml"
         table = _only_table(file, raw[file], "profile", required=False)
         profiles[name] = _build(Profile, table, file, "profile", derived={"name": name})
-    extensions = _load_extensions(root)
-    gateways = _load_gateways(root)
-    dialplan = _load_dialplan(root, {e.id for e in extensions}, {g.name for g in gateways})
+        prof: Profile = profiles[name]
+        if ipaddress.ip_address(prof.sip_ip).is_unspecified and not prof.ext_sip_ip:
+            _fail(file, "profile.ext_sip_ip", f"must be set when sip_ip is {prof.sip_ip} (the "
+                                              "address written into Contact and Via)")
+    extensions = _load_extensions(root, raw)
+    gateways = _load_gateways(root, raw)
+    dialplan = _load_dialplan(root, raw, {e.id for e in extensions}, {g.name for g in gateways})
     return Config(
         profiles_dir=str(root.resolve()),
         **settings,
@@ -649,6 +693,10 @@ def _check_settings(s: dict[str, Any]) -> None:
         )
     if media.rtp_start_port >= media.rtp_end_port:
         _fail(f, "media.rtp_start_port", f"must be less than rtp_end_port ({media.rtp_end_port})")
+    if ipaddress.ip_address(media.rtp_ip).is_unspecified and not media.ext_rtp_ip:
+        # SDP would say c=0.0.0.0, which means "hold" (RFC 2543): nobody would hear anything.
+        _fail(f, "media.ext_rtp_ip", f"must be set when rtp_ip is {media.rtp_ip} (the "
+                                     "address phones and trunks send RTP to)")
     if not s["recording"].flush_seconds > 0:
         _fail(f, "recording.flush_seconds", "out of range: must be positive")
     http: HttpSettings = s["http"]
@@ -675,12 +723,12 @@ def _only_table(file: str, doc: dict[str, Any], table: str, *, required: bool = 
     return doc.get(table, {})
 
 
-def _load_extensions(root: Path) -> tuple[Extension, ...]:
+def _load_extensions(root: Path, raw: dict[str, dict[str, Any]]) -> tuple[Extension, ...]:
     """``directory/*.toml``: one ``[user]`` each; ``id`` defaults to the file stem."""
     seen: dict[str, str] = {}
     out = []
     for rel, path in _toml_files(root, "directory"):
-        table = _only_table(rel, _read_toml(root, rel), "user")
+        table = _only_table(rel, raw[rel] if rel in raw else _read_toml(root, rel), "user")
         if isinstance(table, dict) and "id" not in table:
             table = {"id": path.stem, **table}
         ext: Extension = _build(Extension, table, rel, "user")
@@ -691,11 +739,11 @@ def _load_extensions(root: Path) -> tuple[Extension, ...]:
     return tuple(out)
 
 
-def _load_gateways(root: Path) -> tuple[Gateway, ...]:
+def _load_gateways(root: Path, raw: dict[str, dict[str, Any]]) -> tuple[Gateway, ...]:
     """``gateways/*.toml``: one ``[gateway]`` each, named by the file stem."""
     out = []
     for rel, path in _toml_files(root, "gateways"):
-        table = _only_table(rel, _read_toml(root, rel), "gateway")
+        table = _only_table(rel, raw[rel] if rel in raw else _read_toml(root, rel), "gateway")
         _name(rel, "gateway", path.stem, "gateway name (the file name)")
         gw: Gateway = _build(Gateway, table, rel, "gateway", derived={"name": path.stem})
         if gw.register and not (gw.username and gw.password):
@@ -705,12 +753,13 @@ def _load_gateways(root: Path) -> tuple[Gateway, ...]:
     return tuple(out)
 
 
-def _load_dialplan(root: Path, extensions: set[str], gateways: set[str]) -> Dialplan:
+def _load_dialplan(root: Path, raw: dict[str, dict[str, Any]], extensions: set[str],
+                   gateways: set[str]) -> Dialplan:
     """``dialplan.toml``: ring groups first, so inbound routes can name them."""
     rel = "dialplan.toml"
-    if not (root / rel).is_file():
+    if rel not in raw and not (root / rel).is_file():
         return Dialplan()
-    doc = _read_toml(root, rel)
+    doc = raw[rel] if rel in raw else _read_toml(root, rel)
     for section, value in doc.items():
         if section not in ("inbound", "ring_group", "outbound"):
             _fail(rel, section, "unknown section; allowed: [[inbound]] [[ring_group]] [[outbound]]")

@@ -231,6 +231,53 @@ def test_bad_override(profiles: Path, override: str, key: str, word: str) -> Non
     assert word in exc.value.problem
 
 
+def test_overrides_reach_directory_gateways_and_dialplan(profiles: Path) -> None:
+    cfg = load_config(profiles, ["directory.101.password=newpw",
+                                 "gateways.carrier.proxy=127.0.0.1:5071",
+                                 "dialplan.inbound[0].destination=102",
+                                 "dialplan.ring_group.0.strategy=sequential"])
+    assert {e.id: e.password for e in cfg.extensions}["101"] == "newpw"
+    assert cfg.gateways[0].proxy == "127.0.0.1:5071"
+    assert cfg.dialplan.inbound[0].destination == "102"
+    assert cfg.dialplan.ring_groups[0].strategy == "sequential"
+    assert (profiles / "directory" / "101.toml").read_text().count("newpw") == 0  # run only
+
+
+@pytest.mark.parametrize(
+    ("override", "key", "word"),
+    [
+        ("directory.999.password=x", "directory.999.password", "no directory/999.toml"),
+        ("directory.101.password=", "directory.101.password", "must not be empty"),
+        ("gateways.carrier.nokey=1", "gateways.carrier.nokey", "unknown key"),
+        ("gateways.carrier=1", "gateways.carrier", "expected gateways.<name>.key"),
+        ("dialplan.inbound[9].did=1", "dialplan.inbound[9].did", "no [[inbound]] #9"),
+        ("dialplan.inbound.did=1", "dialplan.inbound.did", "expected dialplan."),
+        ("dialplan.inbound[0].destination=777", "dialplan.inbound[0].destination",
+         "unknown extension"),
+    ],
+)
+def test_bad_file_override(profiles: Path, override: str, key: str, word: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(profiles, [override])
+    assert (exc.value.file, exc.value.key) == ("--set", key)
+    assert word in exc.value.problem
+
+
+@pytest.mark.parametrize(("override", "file", "key"), [
+    ("media.rtp_ip=0.0.0.0", "softpbx.toml", "media.ext_rtp_ip"),
+    ("internal.sip_ip=0.0.0.0", "internal.toml", "profile.ext_sip_ip"),
+])
+def test_wildcard_address_needs_the_advertised_one(profiles: Path, override: str, file: str,
+                                                    key: str) -> None:
+    # c=0.0.0.0 would put every call on hold; Contact 0.0.0.0 reaches nobody
+    with pytest.raises(ConfigError) as exc:
+        load_config(profiles, [override])
+    assert (exc.value.file, exc.value.key) == (file, key)
+    base = override.split("=")[0].rsplit(".", 1)[0]
+    ext = "ext_rtp_ip" if base == "media" else "ext_sip_ip"
+    load_config(profiles, [override, f"{base}.{ext}=192.0.2.10"])
+
+
 # --------------------------------------------------------------------------- broken configs
 
 MAIN = "softpbx.toml"
@@ -565,7 +612,7 @@ def test_ipv6_everywhere(profiles: Path) -> None:
         profiles,
         {
             "internal.toml": '[profile]\nsip_ip = "::1"\next_sip_ip = "2001:db8::1"\n',
-            "external.toml": '[profile]\nsip_ip = "::"\nsip_port = 5080\n',
+            "external.toml": '[profile]\nsip_ip = "::"\nsip_port = 5080\next_sip_ip = "2001:db8::2"\n',
             GW: '[gateway]\nproxy = "[::1]:5070"\n'
             'inbound_addresses = ["[::1]:5070", "::1", "2001:db8::5", "10.0.0.1"]\n',
             "gateways/byname.toml": '[gateway]\nproxy = "sip.example.com:5060"\n',
