@@ -89,8 +89,9 @@ class TcpConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         rest = self.framer.feed_eof()
-        if rest is not None and self.flow is not None:
-            self.receiver(rest, self.flow, "Connection closed mid-message")
+        if rest is None or self.flow is None:
+            return False  # nothing half-sent to answer: let the transport close now
+        self.receiver(rest, self.flow, "Connection closed mid-message")
         return True  # keep our side open until the answer is written; we close after it
 
     def connection_lost(self, exc: Exception | None) -> None:
