@@ -6,7 +6,12 @@
 * Nonces are stateless: ``<issued-at hex>.<salt>.<HMAC(secret, issued-at.salt)>``. An expired nonce whose
   response is otherwise right gets a new challenge with ``stale=true``.
 * ``nc`` replays are refused: the highest ``nc`` seen per nonce is kept until the nonce expires.
-* RFC 2069 responses (no ``qop``) are accepted, as many phones send them.
+* RFC 2069 responses (no ``qop``) are accepted, as many phones send them, but nothing in such a
+  response changes from one request to the next, so its nonce is good for one request: a second
+  use is answered ``stale=true`` (a fresh nonce), which phones follow.
+* The digest ``uri`` must designate the Request-URI's resource (RFC 2617 §3.2.2.5), compared
+  semantically (see :func:`digest_uri_matches`): otherwise credentials sniffed from one INVITE
+  would dial any other number.
 * Comparisons are constant-time, and an unknown user costs the same hashing as a known one.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections import deque
@@ -21,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ParseError
+from .uri import Uri, parse_uri
 
 _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
 
@@ -87,11 +94,78 @@ class AuthOutcome(Enum):
     UNKNOWN_USER = "unknown_user"
     WRONG_PASSWORD = "wrong_password"
     MALFORMED = "malformed"
+    URI_MISMATCH = "uri_mismatch"
+    """Right response, but for another resource than the Request-URI (a replay to another
+    number, RFC 2617 §3.2.2.5)."""
 
 
 FAILURES = frozenset({AuthOutcome.REPLAY, AuthOutcome.UNKNOWN_USER, AuthOutcome.WRONG_PASSWORD,
-                      AuthOutcome.MALFORMED})
+                      AuthOutcome.MALFORMED, AuthOutcome.URI_MISMATCH})
 """Outcomes that count as an authentication failure (answered 403, counted per source)."""
+
+
+_SPENT = 1 << 32
+"""``nc`` table mark of a nonce used without qop: above any 8-hex-digit ``nc``, so it is spent."""
+
+
+def _host_key(uri: Uri) -> str:
+    """The host compared case-insensitively, IPv6 brackets dropped and the address normalised
+    (``[::1]`` and ``[0:0::1]`` are one host), a root label's trailing dot dropped."""
+    host = uri.host_bare
+    if ":" in host:
+        try:
+            return ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            return host
+    return host.rstrip(".")
+
+
+def digest_uri_matches(digest_uri: str, request_uri: str | Uri, method: str = "") -> bool:
+    """Whether the digest ``uri`` designates the same resource as the Request-URI
+    (RFC 2617 §3.2.2.5, RFC 3261 §22.4).
+
+    Phones hash other forms of the Request-URI than the one on the Request-Line, so the two are
+    compared as resources, not as strings:
+
+    * the same scheme (``sip`` and ``sips`` never designate the same resource, §19.1.4);
+    * the same user after unescaping (case-sensitive, §19.1.4), when the digest uri names one:
+      credentials for ``sip:8999...@`` do not dial another number. Only a REGISTER, whose
+      Request-URI has no user part (§10.2), may hash a user (the AOR, as SIPp and some phones
+      do): the registrar binds only the authenticated user's own AOR anyway. A digest uri
+      with no user at all (pyVoIP hashes ``sip:<server>;transport=UDP`` for its INVITEs) names
+      this server and is accepted: what keeps such credentials from being replayed for
+      another call is that each nonce serves one request (qop-less) or one nc (qop=auth);
+    * the same host, case-insensitive, IPv6 brackets and forms normalised;
+    * the port is compared only when both name one: a port on one side only is tolerated,
+      because phones add or drop our listening port (which need not be 5060) and host:port
+      both designate this switch either way; it is the user a replay would change;
+    * URI parameters (``;transport=UDP``) and headers are ignored.
+
+    Non-SIP URIs must be equal as written (scheme case-insensitive).
+    """
+    if isinstance(request_uri, str):
+        if digest_uri == request_uri:
+            return True
+        try:
+            ruri = parse_uri(request_uri)
+        except ParseError:
+            return False
+    else:
+        ruri = request_uri
+    try:
+        duri = parse_uri(digest_uri)
+    except ParseError:
+        return False
+    if duri.scheme != ruri.scheme:
+        return False
+    if not ruri.is_sip:
+        return duri.opaque == ruri.opaque
+    ruser, duser = ruri.unescaped_user, duri.unescaped_user
+    if duser and duser != ruser and not (method == "REGISTER" and not ruser):
+        return False
+    if _host_key(duri) != _host_key(ruri):
+        return False
+    return duri.port is None or ruri.port is None or duri.port == ruri.port
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,11 +234,15 @@ class DigestAuthenticator:
         return now - issued
 
     # -- verification -------------------------------------------------------------------------
-    def check(self, method: str, authorization: list[str], now: float) -> AuthResult:
+    def check(self, method: str, authorization: list[str], now: float, *,
+              request_uri: str | Uri | None = None) -> AuthResult:
         """Verify the ``Authorization`` values of a request against our realm.
 
         Credentials for another realm or another scheme are ignored (RFC 3261 §22.4), so
-        they lead to a challenge, not a failure.
+        they lead to a challenge, not a failure. ``request_uri``: the request's Request-URI,
+        which the digest ``uri`` must designate (:func:`digest_uri_matches`); the switch
+        always passes it, ``None`` skips that check (tools, and credentials for a request
+        this code did not receive).
         """
         creds = None
         for value in authorization:
@@ -212,19 +290,32 @@ class DigestAuthenticator:
         matches = hmac.compare_digest(expected.encode(), _wire(response))
         if not (known and matches):
             return AuthResult(AuthOutcome.UNKNOWN_USER if not known else AuthOutcome.WRONG_PASSWORD, user)
+        # Checked before staleness: a replay to another number is a failure, not a retry.
+        if request_uri is not None and not digest_uri_matches(uri, request_uri, method):
+            return AuthResult(AuthOutcome.URI_MISMATCH, user)
         if age > self.nonce_ttl:
             return AuthResult(AuthOutcome.STALE, user)
-        if nc_val is not None:
-            last = self._nc.get(nonce)
-            if last is not None and nc_val <= last:
-                return AuthResult(AuthOutcome.REPLAY, user)
-            if last is None:
-                self._nc_order.append((now, nonce))
-            self._nc[nonce] = nc_val
+        last = self._nc.get(nonce)
+        if nc_val is None:
+            # RFC 2069: the same request gives the same response for the nonce's whole life,
+            # so a nonce is good for one request only. A second use is STALE (401 with a fresh
+            # nonce, stale=true): compliant phones retry without asking the user.
+            if last is not None:
+                return AuthResult(AuthOutcome.STALE, user)
+            nc_val = _SPENT  # any later qop=auth use of this nonce is a replay too
+        elif last is not None and nc_val <= last:
+            return AuthResult(AuthOutcome.REPLAY, user)
+        if last is None:
+            self._nc_order.append((now, nonce))
+        self._nc[nonce] = nc_val
         self._prune(now)
         return AuthResult(AuthOutcome.OK, user)
 
     def _prune(self, now: float) -> None:
+        # An entry outlives its nonce (first use + TTL + 10 s > issue + TTL + 5 s of allowed
+        # clock skew), so forgetting it never re-opens a replay: the nonce is STALE by then.
+        # Only valid credentials add entries, so the table is bounded by the rate of
+        # successful authentications times the TTL.
         order = self._nc_order
         horizon = now - self.nonce_ttl - 10.0
         while order and order[0][0] < horizon:

@@ -97,9 +97,11 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
 
     msg: Request | Response
     start_error: SipError | None = None
-    if first.startswith("SIP/"):
+    # RFC 3261 §7.1: the SIP-Version is case-insensitive on receipt (``sip/2.0``); we always
+    # send upper case. The exact comparison comes first: it is what every peer sends.
+    if first.startswith("SIP/") or first[:4].upper() == "SIP/":
         parts = first.split(" ", 2)
-        if len(parts) < 2 or parts[0] != "SIP/2.0":
+        if len(parts) < 2 or (parts[0] != "SIP/2.0" and parts[0].upper() != "SIP/2.0"):
             raise VersionError("Bad response version")
         code = parts[1]
         if len(code) != 3 or not (code.isascii() and code.isdigit()) or not 100 <= int(code) <= 699:
@@ -117,7 +119,7 @@ def parse_message(data: bytes, *, stream: bool = False, complete: bool = True) -
         if start_error is None and (not uri or uri[0] == "<"):
             start_error = ParseError("Bad Request-URI")
         msg = Request(method, uri, headers)
-        if start_error is None and version != "SIP/2.0":
+        if start_error is None and version != "SIP/2.0" and version.upper() != "SIP/2.0":
             if _VERSION_RE.match(version):
                 start_error = VersionError("Version Not Supported")
             else:

@@ -14,6 +14,7 @@ in exactly one place, :meth:`SipStack._reject`.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -32,6 +33,7 @@ from .events import (
     SipEvent,
 )
 from .framing import PING, PONG
+from .headers import Via
 from .message import Request, Response, full_name, make_response
 from .parser import parse_message
 from .transaction import ClientTransaction, ServerTransaction, Transaction, TxState
@@ -188,7 +190,8 @@ class SipStack:
 
     def cancel(self, tx: ClientTransaction, now: float) -> ClientTransaction | None:
         """Cancel a pending INVITE (RFC 3261 §9.1); deferred until a provisional arrived."""
-        if tx.kind != "ict" or tx.state not in (TxState.CALLING, TxState.PROCEEDING):
+        if (tx.kind != "ict" or tx.state not in (TxState.CALLING, TxState.PROCEEDING)
+                or tx.cancel_sent):
             return None
         if tx.state is TxState.CALLING:
             tx.cancel_pending = True
@@ -208,21 +211,13 @@ class SipStack:
         ctx = ClientTransaction(key=key, request=cancel, flow=tx.flow, host=self)
         self._client[key] = ctx
         ctx.start(now)
+        tx.on_cancel_sent(now)
         return ctx
 
     # -- receiving ----------------------------------------------------------------------------
     def _on_request(self, req: Request, flow: Flow, now: float) -> None:
         via = req.top_via
-        # RFC 3261 §18.2.1 / RFC 3581: note where the request really came from.
-        ip, port = flow.remote
-        # RFC 3581 §4: with rport, ``received`` goes in even when it equals the sent-by host.
-        if "rport" in via.params:
-            via.params["received"] = ip
-            via.params["rport"] = str(port)
-            _replace_top_via(req, str(via))
-        elif via.host.strip("[]").lower() != ip:
-            via.params["received"] = ip
-            _replace_top_via(req, str(via))
+        _note_source(req, via, flow)
         method = req.method
         key = _server_key(req, via)
         if method == "ACK":
@@ -259,12 +254,14 @@ class SipStack:
         inv_key = _server_key(cancel, via, method="INVITE")
         inv = self._server.get(inv_key)
         if inv is None or not inv.is_invite:
-            self.reply(tx, 481, now=now)
+            self.reply(tx, 481, now=now, to_tag=new_tag())
             return
+        # RFC 3261 §9.2: the same To tag as the INVITE's response, when it had one (a 100
+        # has none); §8.2.6.2: a tag in any case.
         to_tag = None
         if inv.last_response is not None:
             to_tag = inv.last_response.to.tag
-        self.reply(tx, 200, now=now, to_tag=to_tag)
+        self.reply(tx, 200, now=now, to_tag=to_tag or new_tag())
         if inv.state is TxState.PROCEEDING:
             self._emit(CancelReceived(inv, cancel))
 
@@ -294,6 +291,8 @@ class SipStack:
         status: int | None = None
         if isinstance(msg, Request) and msg.method != "ACK" and msg.has("via"):
             status = exc.status_hint
+            with contextlib.suppress(SipError):  # a Via we cannot read goes back as it came
+                _note_source(msg, msg.top_via, flow)
             resp = _error_response(msg, status, exc.reason)
             resp.add("Server", self.server_name)
             self._out.append(Outgoing(flow, resp.serialize(), close_after=close))
@@ -348,6 +347,19 @@ def _server_key(req: Request, via, method: str | None = None) -> tuple:
     return ("2543", req.call_id, req.from_.tag, req.cseq.number, via.sent_by, m)
 
 
+def _note_source(req: Request, via: Via, flow: Flow) -> None:
+    """RFC 3261 §18.2.1 / RFC 3581: note in the top Via where the request really came from."""
+    ip, port = flow.remote
+    # RFC 3581 §4: with rport, ``received`` goes in even when it equals the sent-by host.
+    if "rport" in via.params:
+        via.params["received"] = ip
+        via.params["rport"] = str(port)
+        _replace_top_via(req, str(via))
+    elif via.host.strip("[]").lower() != ip:
+        via.params["received"] = ip
+        _replace_top_via(req, str(via))
+
+
 def _replace_top_via(req: Request, value: str) -> None:
     """Rewrite the first Via value (which may share a line with others)."""
     for i, (name, line) in enumerate(req.headers):
@@ -364,10 +376,18 @@ def _replace_top_via(req: Request, value: str) -> None:
 
 
 def _error_response(req: Request, status: int, reason: str) -> Response:
-    """A response to a request that may be too broken for :func:`make_response`."""
+    """A response to a request that may be too broken for :func:`make_response`; its To gets
+    a tag when it had none (RFC 3261 §8.2.6.2), if it can be read at all."""
     headers: list[tuple[str, str]] = []
     for name, value in req.headers:
         lname = full_name(name)
         if lname in ("via", "from", "to", "call-id", "cseq"):
+            if lname == "to":
+                try:
+                    tagged = "tag" in req.to.params
+                except SipError:
+                    tagged = True  # an unreadable To is echoed untouched
+                if not tagged:
+                    value = f"{value};tag={new_tag()}"
             headers.append((name, value))
     return Response(status, reason, headers)

@@ -16,6 +16,11 @@ from .message import Request, Response
 
 log = logging.getLogger("softpbx.sip.transaction")
 
+TIMER_C = 180.0
+"""RFC 3261 §16.6 step 11 Timer C, "greater than 3 minutes": how long an INVITE client
+transaction waits in Proceeding for its final response, restarted by each provisional other
+than 100 (§16.7 step 2). ``SipSettings`` has no key for it."""
+
 
 class TxState(Enum):
     """Transaction states of RFC 3261 §17 and RFC 6026."""
@@ -68,6 +73,7 @@ class TxHost(Protocol):
     def _schedule(self, tx: Transaction, name: str, when: float) -> None: ...
     def _cancel_timers(self, tx: Transaction) -> None: ...
     def _emit(self, event: object) -> None: ...
+    def _send_cancel(self, tx: ClientTransaction, now: float) -> ClientTransaction: ...
     def _terminated(self, tx: Transaction) -> None: ...
     def _absorb_retransmissions(self, tx: ServerTransaction, now: float) -> None: ...
 
@@ -226,7 +232,8 @@ class ServerTransaction(Transaction):
 class ClientTransaction(Transaction):
     """INVITE (``ict``) or non-INVITE (``nict``) client transaction (RFC 3261 §17.1)."""
 
-    __slots__ = ("_bytes", "ack", "cancel_pending", "last_response")
+    __slots__ = ("_bytes", "ack", "cancel_pending", "cancel_sent", "last_response",
+                 "_c_deadline", "_timed_out")
 
     def __init__(self, *, key: tuple, request: Request, flow: Flow, host: TxHost) -> None:
         invite = request.method == "INVITE"
@@ -237,8 +244,15 @@ class ClientTransaction(Transaction):
         self.ack: bytes | None = None
         self.cancel_pending = False
         """A CANCEL was asked for before any provisional response (RFC 3261 §9.1)."""
+        self.cancel_sent = False
+        """A CANCEL for this INVITE went out (by the TU, or on Timer C)."""
         self.last_response: Response | None = None
         """The last response received."""
+        self._c_deadline = 0.0
+        # Timer C is re-armed lazily: a provisional only moves the deadline, and the armed
+        # entry re-arms itself for the rest when it fires early (one heap entry, not one per
+        # 180/183).
+        self._timed_out = False
 
     def start(self, now: float) -> None:
         """Send the request and arm Timers A/B or E/F."""
@@ -257,9 +271,14 @@ class ClientTransaction(Transaction):
             if state in (S.CALLING, S.PROCEEDING):
                 self.last_response = response
                 if status < 200:
-                    self._cancel("A")
-                    self._cancel("B")
-                    self._set_state(S.PROCEEDING)
+                    if state is S.CALLING:
+                        self._cancel("A")
+                        self._cancel("B")
+                        self._set_state(S.PROCEEDING)
+                        self._c_deadline = now + TIMER_C
+                        self._arm("C", now, TIMER_C)
+                    elif status != 100 and not self.cancel_sent:
+                        self._c_deadline = now + TIMER_C  # RFC 3261 §16.7 step 2
                 elif status < 300:
                     self.host._cancel_timers(self)
                     self._set_state(S.ACCEPTED)
@@ -299,6 +318,13 @@ class ClientTransaction(Transaction):
     def _cancel(self, name: str) -> None:
         self.timers.pop(name, None)
 
+    def on_cancel_sent(self, now: float) -> None:
+        """A CANCEL for this INVITE went out: RFC 3261 §9.1, if no final response arrives in
+        64*T1 the INVITE is over (Timer C no longer restarts on provisionals)."""
+        self.cancel_sent = True
+        self._c_deadline = now + 64 * self.host.t1
+        self._arm("C", now, 64 * self.host.t1)
+
     def _build_ack(self, response: Response) -> Request:
         """ACK for a non-2xx final response (RFC 3261 §17.1.1.3): same branch and R-URI."""
         req = self.request
@@ -332,6 +358,23 @@ class ClientTransaction(Transaction):
             owner = self.user_data
             self._set_state(S.TERMINATED)
             self.host._emit(TransactionTimeout(self, owner))
+        elif name == "C" and state is S.PROCEEDING:
+            if now < self._c_deadline:
+                self._arm("C", now, self._c_deadline - now)  # a provisional moved it
+                return
+            owner = self.user_data
+            if self.cancel_sent:
+                # RFC 3261 §9.1: no final response 64*T1 after our CANCEL: give up.
+                self._set_state(S.TERMINATED)
+                if not self._timed_out:
+                    self.host._emit(TransactionTimeout(self, owner))
+                return
+            # RFC 3261 §16.6 step 11: Timer C after a provisional: CANCEL the INVITE, and the
+            # TU hears of it now (a 408). The transaction stays in Proceeding for the §9.1
+            # wait, to ACK the 487 (or hand a crossing 2xx to the TU, which BYEs it).
+            self._timed_out = True
+            self.host._emit(TransactionTimeout(self, owner))
+            self.host._send_cancel(self, now)
         elif name in ("D", "K", "M"):
             self._set_state(S.TERMINATED)
 

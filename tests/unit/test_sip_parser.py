@@ -371,3 +371,23 @@ def test_via_port_with_thousands_of_digits_is_a_parse_error() -> None:
         parse_via("SIP/2.0/UDP host : " + "9" * 5000 + ";branch=z9hG4bK1")
     with pytest.raises(ParseError):
         parse_via("SIP/2.0/UDP host:" + "9" * 5000)
+
+
+@pytest.mark.parametrize("version", [b"sip/2.0", b"Sip/2.0", b"SIP/2.0"])
+def test_sip_version_is_case_insensitive_on_receipt(version: bytes) -> None:
+    """RFC 3261 §7.1: request line, status line and Via; we always send ``SIP/2.0``."""
+    req = parse_message(LINPHONE_REGISTER.replace(b" SIP/2.0\r\n", b" " + version + b"\r\n", 1)
+                        .replace(b"Via: SIP/2.0/UDP", b"Via: " + version + b"/udp"))
+    assert req.method == "REGISTER" and req.top_via.transport == "UDP"
+    assert req.serialize().startswith(b"REGISTER sip:127.0.0.1 SIP/2.0\r\n")
+    resp = parse_message(RESPONSE_180.replace(b"SIP/2.0 180", version + b" 180", 1))
+    assert isinstance(resp, Response) and resp.status == 180
+    assert resp.serialize().startswith(b"SIP/2.0 180 Ringing\r\n")
+
+
+@pytest.mark.parametrize("version", [b"sip/3.0", b"Sip/1.0"])
+def test_other_versions_in_any_case_are_still_505(version: bytes) -> None:
+    with pytest.raises(VersionError):
+        parse_message(LINPHONE_REGISTER.replace(b" SIP/2.0\r\n", b" " + version + b"\r\n", 1))
+    with pytest.raises(VersionError):
+        parse_message(RESPONSE_180.replace(b"SIP/2.0 180", version + b" 180", 1))

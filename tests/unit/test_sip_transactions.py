@@ -15,7 +15,7 @@ from softpbx.sip.events import (
 from softpbx.sip.message import Request, Response
 from softpbx.sip.parser import parse_message
 from softpbx.sip.stack import SipStack
-from softpbx.sip.transaction import TxState
+from softpbx.sip.transaction import TIMER_C, TxState
 
 from .sipkit import PHONE, FakeClock, crlf, run_until, tcp, udp
 
@@ -309,3 +309,177 @@ def test_timers_follow_config(settings: SipSettings) -> None:
     st.datagrams_to_send()
     run_until(st, clock, clock.now + 6.4 + 0.01)
     assert [type(e) for e in events(st)] == [TransactionTimeout]  # F = 64 * 0.1 s
+
+
+# -- Timer C and the CANCEL wait (RFC 3261 §16.6 step 11, §9.1) ----------------------------------
+def _timeouts(evs: list) -> list:
+    return [e for e in evs if isinstance(e, TransactionTimeout)]
+
+
+@pytest.mark.parametrize("make_flow", [udp, tcp])
+def test_ict_timer_c_after_provisional_cancels_and_reports_timeout(make_flow) -> None:
+    st, clock = make_stack(), FakeClock()
+    tx = st.send_request(outgoing_request("INVITE"), make_flow(PHONE), clock.now)
+    tx.user_data = owner = object()
+    (o,) = st.datagrams_to_send()
+    st.receive(reply_to(o.data, 180), make_flow(PHONE), clock.advance(0.1))
+    assert [e.response.status for e in events(st)] == [180]
+    run_until(st, clock, clock.now + TIMER_C - 0.1)
+    assert events(st) == [] and st.datagrams_to_send() == []  # the callee rings, silently
+    run_until(st, clock, clock.now + 0.2)
+    (ev,) = events(st)
+    assert isinstance(ev, TransactionTimeout) and ev.tx is tx and ev.owner is owner
+    (c,) = wire(st)
+    assert c.method == "CANCEL" and c.top_via.branch == parse_message(o.data).top_via.branch
+    assert st.cancel(tx, clock.now) is None  # the TU cancelling too sends no second CANCEL
+    st.receive(reply_to(c.serialize(), 200), make_flow(PHONE), clock.advance(0.1))
+    st.receive(reply_to(o.data, 487), make_flow(PHONE), clock.now)
+    assert [m.method for m in wire(st)] == ["ACK"]  # the 487 is still ACKed
+    assert [e.response.status for e in events(st)] == [200, 487]
+    run_until(st, clock, clock.now + 64 * T1 + 1)
+    assert _timeouts(events(st)) == [] and st.transaction_count == 0
+
+
+def test_ict_timer_c_restarts_on_provisionals_other_than_100() -> None:
+    st, clock = make_stack(), FakeClock()
+    tx = st.send_request(outgoing_request("INVITE"), udp(PHONE), clock.now)
+    (o,) = st.datagrams_to_send()
+    start = clock.now
+    st.receive(reply_to(o.data, 100), udp(PHONE), start)
+    st.receive(reply_to(o.data, 183), udp(PHONE), clock.advance(100))  # restarts Timer C
+    st.receive(reply_to(o.data, 100), udp(PHONE), clock.advance(50))  # a 100 does not
+    run_until(st, clock, start + 100 + TIMER_C - 0.1)
+    assert _timeouts(events(st)) == [] and tx.state is TxState.PROCEEDING
+    run_until(st, clock, start + 100 + TIMER_C + 0.1)
+    assert [e.tx for e in _timeouts(events(st))] == [tx]
+    assert len(st._heap) <= 3  # provisionals move the deadline; they do not pile up entries
+
+
+def test_ict_vanished_callee_without_provisional_then_silent_after_cancel() -> None:
+    """A CANCEL the callee answers 200 but never with 487: 64*T1 later the INVITE is over."""
+    st, clock = make_stack(), FakeClock()
+    tx = st.send_request(outgoing_request("INVITE"), udp(PHONE), clock.now)
+    (o,) = st.datagrams_to_send()
+    st.receive(reply_to(o.data, 180), udp(PHONE), clock.advance(0.1))
+    events(st)
+    ctx = st.cancel(tx, clock.now)
+    assert ctx is not None
+    (c,) = wire(st)
+    st.receive(reply_to(c.serialize(), 200), udp(PHONE), clock.advance(0.1))
+    st.receive(reply_to(o.data, 180), udp(PHONE), clock.advance(1))  # no longer extends anything
+    events(st)
+    sent_at = clock.now - 1.1
+    run_until(st, clock, sent_at + 64 * T1 - 0.1)
+    assert events(st) == [] and tx.state is TxState.PROCEEDING
+    run_until(st, clock, sent_at + 64 * T1 + 0.1)
+    (ev,) = events(st)
+    assert isinstance(ev, TransactionTimeout) and ev.tx is tx
+    assert tx.state is TxState.TERMINATED and st.transaction_count == 0
+
+
+def test_ict_deferred_cancel_also_gets_the_64_t1_wait() -> None:
+    st, clock = make_stack(), FakeClock()
+    tx = st.send_request(outgoing_request("INVITE"), udp(PHONE), clock.now)
+    (o,) = st.datagrams_to_send()
+    st.cancel(tx, clock.now)
+    st.receive(reply_to(o.data, 100), udp(PHONE), clock.advance(0.2))
+    assert [m.method for m in wire(st)] == ["CANCEL"]
+    run_until(st, clock, clock.now + 64 * T1 + 0.1)  # neither the CANCEL nor the INVITE answered
+    assert tx in [e.tx for e in _timeouts(events(st))]
+    assert st.transaction_count == 0
+
+
+# -- responses the stack builds itself (RFC 3261 §8.2.6.2) -------------------------------------
+NATTED = ("192.0.2.7", 40000)
+
+
+@pytest.mark.parametrize(("mutate", "status"), [
+    (lambda d: d.replace(b"CSeq: 1 OPTIONS", b"CSeq: 1 INVITE"), 400),
+    (lambda d: d.replace(b"SIP/2.0\r\n", b"SIP/3.0\r\n", 1), 505),
+])
+def test_stack_error_responses_carry_to_tag_and_via_received(mutate, status: int) -> None:
+    st, clock = make_stack(), FakeClock()
+    st.receive(mutate(request()), udp(NATTED), clock.now)
+    (r,) = wire(st)
+    assert r.status == status and r.to.tag
+    assert r.top_via.params["received"] == "192.0.2.7" and r.top_via.params["rport"] == "40000"
+
+
+def test_stack_error_response_keeps_an_existing_to_tag_and_513_on_tcp() -> None:
+    st, clock = make_stack(), FakeClock()
+    data = request().replace(b"To: <sip:101@127.0.0.1>", b"To: <sip:101@127.0.0.1>;tag=dlg")
+    st.receive(data, tcp(NATTED), clock.now, framing_error="Message too large")
+    (o,) = st.datagrams_to_send()
+    r = parse_message(o.data)
+    assert o.close_after and r.status == 513
+    assert r.get_all("to") == ["<sip:101@127.0.0.1>;tag=dlg"]
+    assert r.top_via.params["received"] == "192.0.2.7"
+
+
+def test_200_to_cancel_after_only_a_100_and_481_carry_a_to_tag() -> None:
+    st, clock = make_stack(), FakeClock()
+    st.receive(request("INVITE"), udp(), clock.now)
+    assert [m.status for m in wire(st)] == [100]
+    st.receive(request("CANCEL"), udp(), clock.now)
+    (ok,) = wire(st)
+    assert ok.status == 200 and ok.to.tag
+    st.receive(request("CANCEL", branch="z9hG4bKother"), udp(), clock.now)
+    (nomatch,) = wire(st)
+    assert nomatch.status == 481 and nomatch.to.tag
+
+
+def test_200_to_cancel_reuses_the_invite_responses_to_tag() -> None:
+    st, clock = make_stack(), FakeClock()
+    st.receive(request("INVITE"), udp(), clock.now)
+    (inv,) = events(st)
+    st.reply(inv.tx, 180, now=clock.now, to_tag="ringtag")
+    wire(st)
+    st.receive(request("CANCEL"), udp(), clock.now)
+    (ok,) = wire(st)
+    assert ok.status == 200 and ok.to.tag == "ringtag"
+
+
+# -- SIP-Version is case-insensitive on receipt (RFC 3261 §7.1) ----------------------------------
+def test_lowercase_sip_version_request_and_response_are_understood() -> None:
+    st, clock = make_stack(), FakeClock()
+    lower = request().replace(b" SIP/2.0\r\n", b" sip/2.0\r\n", 1).replace(b"SIP/2.0/UDP", b"sip/2.0/udp")
+    st.receive(lower, udp(), clock.now)
+    (ev,) = events(st)
+    assert isinstance(ev, RequestReceived)
+    st.reply(ev.tx, 200, now=clock.now, to_tag="t")
+    (o,) = st.datagrams_to_send()
+    assert o.data.startswith(b"SIP/2.0 200 OK\r\n")  # we send upper case
+    tx = st.send_request(outgoing_request("OPTIONS"), udp(PHONE), clock.now)
+    (o,) = st.datagrams_to_send()
+    st.receive(reply_to(o.data, 200).replace(b"SIP/2.0 200", b"sip/2.0 200", 1), udp(PHONE), clock.now)
+    (ev,) = events(st)
+    assert isinstance(ev, ResponseReceived) and ev.tx is tx and ev.response.status == 200
+
+
+# -- the same through the switch: a vanished callee no longer leaks its leg ---------------------
+@pytest.mark.parametrize(("no_answer", "status"), [(300, 408), (60, 480)])
+def test_switch_vanished_callee_ends_call_and_frees_every_transaction(no_answer: int,
+                                                                      status: int) -> None:
+    """Ringing for ever (Timer C: 408), or cancelled at the no-answer timeout and never 487."""
+    from softpbx.config.loader import load_config
+    from softpbx.core.events import Binding
+    from softpbx.core.switch import Switch
+
+    from .test_calls import ALICE, BOB, ROOT, FakeRelay, Net, answer, flow, place_call
+
+    cfg = load_config(ROOT / "sip_profiles", ["calls.max_duration=0",
+                                              f"calls.no_answer_timeout={no_answer}"])
+    sw = Switch(config=cfg, auth_secret=b"s" * 32, relay=FakeRelay())
+    for ext, addr in (("101", ALICE), ("102", BOB)):
+        sw.registrar.load([Binding(aor=ext, contact=f"sip:{ext}@{addr[0]}:{addr[1]}", key=ext,
+                                   expires_at=1e9, call_id=ext, cseq=1, flow=flow(addr))])
+    net = Net(sw, FakeClock(), sw.relay)  # type: ignore[arg-type]
+    place_call(net, "102")
+    (b_inv,) = net.take(BOB)
+    net.feed(answer(b_inv, 180), BOB)
+    net.inbox.clear()
+    net.advance(min(no_answer, TIMER_C) + 1)
+    assert {m.method for m in net.take(BOB)} == {"CANCEL"}  # the callee stays silent
+    assert {m.status for m in net.take(ALICE)} == {status} and sw.calls == {}
+    net.advance(64 * T1 + 1)
+    assert sw.stack.transaction_count == 0
