@@ -101,10 +101,30 @@ class Server:
                 continue
             except ValueError:
                 pass
-            infos = await loop.getaddrinfo(host, port or 5060, type=socket.SOCK_DGRAM)
+            try:
+                infos = await loop.getaddrinfo(host, port or 5060, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                # Not a configuration error (DNS may be down for a while): the rest of the
+                # switch runs; calls through this gateway fail until the next start.
+                log.error("gateway %s: cannot resolve %s: %s; its calls will fail", gw.name,
+                          host, exc)
+                continue
             ip, p = infos[0][4][0], infos[0][4][1]
             self.switch.set_gateway_address(gw.name, (ip, p))
             log.info("gateway %s: %s resolved to %s:%d", gw.name, gw.proxy, ip, p)
+
+    async def _unregister_gateways(self, loop: asyncio.AbstractEventLoop,
+                                   wait: float = 2.0) -> None:
+        """REGISTER with Expires: 0 to every provider we are registered to; wait (bounded)
+        for their answers, so the provider stops sending calls to a switch that is gone."""
+        assert self.driver is not None
+        if not self.switch.unregister_gateways(loop.time()):
+            return
+        self.driver.kick()
+        deadline = loop.time() + wait
+        regs = self.switch.gateway_registrations.values()
+        while loop.time() < deadline and any(r.unregistering for r in regs):
+            await asyncio.sleep(0.05)
 
     async def _housekeep(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,9 +141,11 @@ class Server:
                     log.info("closed %d idle TCP connections", n)
 
     async def stop(self) -> None:
-        """Close listeners, flush the store."""
+        """Withdraw provider registrations, close listeners, flush the store."""
         if self._housekeeping is not None:
             self._housekeeping.cancel()
+        if self.driver is not None:
+            await self._unregister_gateways(asyncio.get_running_loop())
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.driver is not None:

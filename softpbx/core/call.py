@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
 
@@ -18,6 +19,7 @@ from ..media.relay import RelaySession, RelaySide
 from ..sip import sdp as sdpmod
 from ..sip.events import Flow
 from ..sip.message import Request
+from ..sip.sdp import Direction as MediaDirection
 from ..sip.sdp import LocalOrigin, SdpError, SessionDescription
 from ..sip.stack import new_tag
 from ..sip.transaction import ServerTransaction
@@ -29,14 +31,17 @@ from .events import (
     LegHungUp,
     LegOffer,
     LegOfferAnswered,
+    LegOfferCancelled,
+    LegRefreshAnswered,
     LegRinging,
+    RecordingCodecs,
     StartRecording,
     StopRecording,
     WriteCdr,
 )
 from .leg import InboundLeg, Leg, LegHost, OutboundLeg
 from .registrar import Registrar
-from .routing import Direction, ExtensionTarget, GatewayTarget, Route
+from .routing import Direction, ExtensionTarget, GatewayTarget, Route, Router
 from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.call")
@@ -57,12 +62,13 @@ class CallHost(LegHost, Protocol):
     config: Config
     registrar: Registrar
     relay: MediaRelay
+    router: Router
 
     def gateway(self, name: str) -> Gateway: ...
     def gateway_calls(self, name: str) -> int: ...
     def gateway_flow(self, gateway: Gateway) -> Flow: ...
     def call_ended(self, call: Call, action: WriteCdr) -> None: ...
-    def call_action(self, action: StartRecording | StopRecording) -> None: ...
+    def call_action(self, action: StartRecording | RecordingCodecs | StopRecording) -> None: ...
 
 
 class CallState(Enum):
@@ -84,6 +90,47 @@ TRANSITIONS: dict[CallState, frozenset[CallState]] = {
 
 # How a set of callee failures is reported to the caller, best first (RFC 3261 §16.7 spirit).
 _FAIL_ORDER = (486, 600, 603, 480, 408, 404, 484, 604, 403, 503, 502, 500)
+
+# Final answers a callee leg's code may be passed on to the caller as: they say something
+# about the callee or the number, which the caller can act on.
+_FORWARDABLE = frozenset({403, 404, 408, 410, 480, 482, 483, 484, 485, 486, 487, 488, 503})
+
+
+def caller_status(status: int, *, trunk: bool) -> int:
+    """The code a callee leg's failure ``status`` is reported to the caller as.
+
+    Codes about *our* request to the callee are not the caller's business and would
+    mislead it (RFC 3261 §16.7 step 6 spirit; a B2BUA is the UAC of that request): a trunk's
+    401/407 challenge we could not answer (forwarding it would make the caller send us
+    credentials for the provider's realm) or 402 is the route being unusable, ``503``; a
+    redirect we do not follow (3xx) means the callee cannot be reached here, ``480``; 420,
+    422, 423, 481, 491 and the other refusals of our request's form, and any 5xx but 503,
+    are a failure past us, ``502``. A trunk that never answers is down (``503``), not a
+    callee that did not pick up. 6xx are global answers, passed on as they are.
+    """
+    if trunk and status == 408:
+        return 503
+    if status in _FORWARDABLE or 600 <= status < 700:
+        return status
+    if 300 <= status < 400:
+        return 480
+    if status in (401, 402, 407):
+        return 503
+    return 502
+
+
+@dataclass(slots=True)
+class _Renegotiation:
+    """A re-INVITE/UPDATE in progress between the two parties."""
+
+    origin: Leg | None
+    """The leg whose party offered; ``None`` for our own offer (a restore)."""
+    target: Leg
+    """The leg the offer was sent on."""
+    offer: SessionDescription | None
+    """The originator's offer, applied to the relay only once the answer is a 2xx."""
+    cancelled: bool = False
+    """The originator CANCELled its re-INVITE."""
 
 
 def _disposition(code: int) -> str:
@@ -116,6 +163,10 @@ class Call:
         self.caller_extension = caller_extension
         self.from_gateway = from_gateway
         self.a = InboundLeg(host=host, call=self, tx=tx, flow=flow)
+        if from_gateway:
+            gw = host.gateway(from_gateway)
+            if gw.username:  # for the trunk's challenges to our BYE or re-INVITE
+                self.a.credentials = (gw.username, gw.password)
         self.b_legs: list[OutboundLeg] = []
         """Callee legs of the current stage still in play."""
         self.answered: OutboundLeg | None = None
@@ -124,11 +175,19 @@ class Call:
         self._failures: list[int] = []
         self.last_rang: OutboundLeg | None = None
         self.media: RelaySession | None = None
-        self._offer: SessionDescription | None = None
-        self._answer: SessionDescription | None = None
+        self._sdp_a: SessionDescription | None = None
+        """The caller's SDP in force (its offer in the INVITE, then each re-negotiation's)."""
+        self._sdp_b: SessionDescription | None = None
+        """The callee's SDP in force (early media's, the answer's, then re-negotiations')."""
         self._origin_a: LocalOrigin | None = None
         self._origin_b: LocalOrigin | None = None
-        self._pending_offer_from: Leg | None = None
+        self._pending: _Renegotiation | None = None
+        self._silent_since = {"a": 0.0, "b": 0.0}
+        """Per side, when it last started being expected to send RTP (answer, resume): the
+        RTP timeout counts from there when the relay saw nothing later."""
+        self._recorded = False
+        self._gateway_used = ""
+        """The gateway of the latest trunk leg tried (the CDR of a failed outbound call)."""
         self.on_hold = False
         self.cause = ""
         self.sip_code = 0
@@ -142,8 +201,8 @@ class Call:
             self._end(now, 488, "no SDP offer in the INVITE (late offer is not supported)")
             return
         try:
-            self._offer = sdpmod.parse_sdp(offer)
-            if not any(m.is_rtp for m in self._offer.media):
+            self._sdp_a = sdpmod.parse_sdp(offer)
+            if not any(m.is_rtp for m in self._sdp_a.media):
                 raise SdpError("no RTP media in the offer")
         except SdpError as exc:
             self._end(now, 488, f"bad SDP offer: {exc}")
@@ -157,7 +216,7 @@ class Call:
         sid = secrets.randbelow(2**62)
         self._origin_a = LocalOrigin(session_id=sid, address=ip)
         self._origin_b = LocalOrigin(session_id=sid + 1, address=ip)
-        self._set_remote(self.media.a, self._offer)
+        self._set_remote(self.media.a, self._sdp_a)
         max_duration = self.host.config.calls.max_duration
         if max_duration:
             self.host.timers.schedule(self, "max_duration", now + max_duration)
@@ -216,6 +275,7 @@ class Call:
             return legs
         assert isinstance(target, GatewayTarget)
         gw = self.host.gateway(target.gateway)
+        self._gateway_used = gw.name
         if gw.max_calls and self.host.gateway_calls(gw.name) >= gw.max_calls:
             log.warning("gateway %s is at its %d-call limit", gw.name, gw.max_calls)
             self._failures.append(503)
@@ -225,8 +285,11 @@ class Call:
         ruri = f"sip:{target.number}@{gw.proxy}"
         to = f"<sip:{target.number}@{host}>"
         creds = (gw.username, gw.password) if gw.username else None
-        leg = self._make_leg(flow=flow, ruri=ruri, to=to, credentials=creds,
-                             caller=(target.caller_id_number, target.caller_id_name), host=host)
+        # A DID forwarded out (no caller ID of its own configured) shows the original caller.
+        caller = (None if self.route.direction is Direction.INBOUND and not target.caller_id_number
+                  else (target.caller_id_number, target.caller_id_name))
+        leg = self._make_leg(flow=flow, ruri=ruri, to=to, credentials=creds, caller=caller,
+                             host=host)
         leg.gateway = gw.name
         return [leg]
 
@@ -237,8 +300,8 @@ class Call:
         number = number or self.caller_number or "anonymous"
         from_host = host or self.host.config.global_.domain
         disp = f'"{_quote(name)}" ' if name else ""
-        assert self._offer is not None and self.media is not None and self._origin_b is not None
-        body = self._rewrite_for(self.media.b, self._offer, self._origin_b)
+        assert self._sdp_a is not None and self.media is not None and self._origin_b is not None
+        body = self._rewrite_for(self.media.b, self._sdp_a, self._origin_b)
         mf = self.a.request.max_forwards
         headers = [
             ("Max-Forwards", str(max(0, (mf if mf is not None else 70) - 1))),
@@ -282,8 +345,13 @@ class Call:
         elif isinstance(event, LegFailed):
             if leg in self.b_legs:
                 self.b_legs.remove(leg)  # type: ignore[arg-type]
-                # A trunk that never answers is down (503), not a callee that did not pick up.
-                self._failures.append(503 if leg.gateway and event.status == 408 else event.status)
+                self._failures.append(caller_status(event.status, trunk=bool(leg.gateway)))
+                if 600 <= event.status < 700:
+                    # A global failure (RFC 3261 §16.7 step 5 spirit): the callee said no
+                    # for all its phones; the others of the stage stop ringing.
+                    for other in self.b_legs:
+                        other.cancel(now)
+                    self.b_legs = []
                 if not self.b_legs:
                     TimerQueue.cancel(self, "no_answer")
                     self._next_stage(now)
@@ -293,25 +361,28 @@ class Call:
             self._on_offer(leg, event.sdp, now)
         elif isinstance(event, LegOfferAnswered):
             self._on_offer_answered(leg, event.status, event.sdp, now)
+        elif isinstance(event, LegOfferCancelled):
+            self._on_offer_cancelled(leg, now)
+        elif isinstance(event, LegRefreshAnswered):
+            self._on_refresh_answered(leg, event.sdp, now)
 
     @property
     def recorded(self) -> bool:
-        """Whether this call is recorded (switch-wide setting and the route's)."""
-        return self.host.config.recording.enabled and self.route.record
+        """Whether this call is recorded: decided at the answer (:meth:`Router.records`)."""
+        return self._recorded
 
     @property
     def _codecs(self) -> dict[int, str]:
-        """Payload types of the negotiated SDP (answer over offer), for the recorder."""
-        out: dict[int, str] = {}
-        for sdp in (self._offer, self._answer):
-            if sdp is None:
-                continue
-            for m in sdp.media:
-                if m.is_rtp:
-                    for c in m.codecs():
-                        out[c.payload_type] = c.encoding
-                    break
+        """Payload types of the negotiated SDP (the callee's over the caller's), for the
+        recorder: both sides' maps merged (:class:`RecordingCodecs` has them per side)."""
+        out = _codec_map(self._sdp_a)
+        out.update(_codec_map(self._sdp_b))
         return out
+
+    def _recording_codecs(self) -> RecordingCodecs:
+        # RFC 3264 §5.1/§6.1: each party sends with the payload types of the other's SDP.
+        return RecordingCodecs(self.id, caller=_codec_map(self._sdp_b),
+                               callee=_codec_map(self._sdp_a))
 
     def _callee_answer(self, raw: bytes) -> bytes | None:
         """The callee's SDP, remembered for the relay and rewritten for the caller."""
@@ -321,7 +392,7 @@ class Call:
         except SdpError as exc:
             log.warning("call %s: bad SDP from callee: %s", self.id, exc)
             return None
-        self._answer = answer
+        self._sdp_b = answer
         self._set_remote(self.media.b, answer)
         return self._rewrite_for(self.media.a, answer, self._origin_a)
 
@@ -352,47 +423,116 @@ class Call:
             self._end(now, 200, cause)
 
     def _on_offer(self, leg: Leg, raw: bytes | None, now: float) -> None:
-        """Hold/resume and other re-negotiation: pass it to the other party through the relay."""
-        if self.state is not CallState.ANSWERED or self.answered is None or self.media is None:
+        """Hold/resume and other re-negotiation: pass it to the other party through the relay.
+        Nothing changes on the relay until the answer is a 2xx (a 488/491 leaves the
+        session as it was, RFC 3264 §8)."""
+        if (self.state is not CallState.ANSWERED or self.answered is None or self.media is None
+                or self._pending is not None):
             leg.answer_offer(491, None, now)
             return
-        assert self._origin_a is not None and self._origin_b is not None
-        other: Leg = self.answered if leg is self.a else self.a
-        own_side, other_side = ((self.media.a, self.media.b) if leg is self.a
-                                else (self.media.b, self.media.a))
-        origin = self._origin_b if leg is self.a else self._origin_a
-        sdp_out = None
-        if raw:
-            try:
-                offer = sdpmod.parse_sdp(raw)
-            except SdpError:
-                leg.answer_offer(488, None, now)
-                return
-            self._set_remote(own_side, offer)
-            self.on_hold = sdpmod.is_hold(offer)
-            sdp_out = self._rewrite_for(other_side, offer, origin)
-        self._pending_offer_from = leg
-        other.offer(sdp_out, now)
-
-    def _on_offer_answered(self, leg: Leg, status: int, raw: bytes | None, now: float) -> None:
-        origin_leg = self._pending_offer_from
-        self._pending_offer_from = None
-        if origin_leg is None or self.media is None:
-            return
-        assert self._origin_a is not None and self._origin_b is not None
-        if status >= 300 or not raw:
-            origin_leg.answer_offer(status if status >= 300 else 488, None, now)
+        if not raw:  # legs answer re-INVITEs and UPDATEs without SDP themselves
+            leg.answer_offer(488, None, now)
             return
         try:
-            answer = sdpmod.parse_sdp(raw)
+            offer = sdpmod.parse_sdp(raw)
         except SdpError:
-            origin_leg.answer_offer(488, None, now)
+            leg.answer_offer(488, None, now)
             return
-        answering_side, origin_side = ((self.media.b, self.media.a) if origin_leg is self.a
-                                       else (self.media.a, self.media.b))
-        self._set_remote(answering_side, answer)
+        other: Leg = self.answered if leg is self.a else self.a
+        other_side = self.media.b if leg is self.a else self.media.a
+        origin = self._origin_b if leg is self.a else self._origin_a
+        assert origin is not None
+        self._pending = _Renegotiation(origin=leg, target=other, offer=offer)
+        other.offer(self._rewrite_for(other_side, offer, origin), now)
+
+    def _on_offer_answered(self, leg: Leg, status: int, raw: bytes | None, now: float) -> None:
+        p = self._pending
+        if p is None or p.target is not leg or self.media is None:
+            return
+        self._pending = None
+        answer = None
+        if 200 <= status < 300 and raw:
+            try:
+                answer = sdpmod.parse_sdp(raw)
+            except SdpError:
+                log.warning("call %s: bad SDP in the answer of %s", self.id, leg.label)
+        if p.cancelled or p.origin is None:
+            # Nobody waits for this answer. The answering party now has the session it
+            # accepted; after a withdrawn offer, it is offered back the one its peer kept.
+            if answer is not None:
+                self._adopt({leg: answer}, now)
+            if p.cancelled and 200 <= status < 300:
+                self._restore(leg, now)
+            return
+        origin_leg = p.origin
+        if answer is None:
+            origin_leg.answer_offer(status if status >= 300 else 488, None, now)
+            return
+        assert p.offer is not None
+        self._adopt({origin_leg: p.offer, leg: answer}, now)
+        origin_side = self.media.a if origin_leg is self.a else self.media.b
         origin = self._origin_a if origin_leg is self.a else self._origin_b
+        assert origin is not None
         origin_leg.answer_offer(200, self._rewrite_for(origin_side, answer, origin), now)
+
+    def _on_offer_cancelled(self, leg: Leg, now: float) -> None:
+        """The originator withdrew its re-INVITE: withdraw ours; its relay address was
+        never applied, and an answer that still comes is not passed on."""
+        p = self._pending
+        if p is None or p.origin is not leg:
+            return
+        p.cancelled = True
+        p.target.cancel_offer(now)
+
+    def _restore(self, leg: Leg, now: float) -> None:
+        """Offer ``leg``'s party the session its peer still has (after a 2xx that crossed
+        the CANCEL of the offer it answered), so that the two agree again."""
+        peer_sdp = self._sdp_b if leg is self.a else self._sdp_a
+        if self.media is None or peer_sdp is None:
+            return
+        side = self.media.a if leg is self.a else self.media.b
+        origin = self._origin_a if leg is self.a else self._origin_b
+        assert origin is not None
+        self._pending = _Renegotiation(origin=None, target=leg, offer=None)
+        leg.offer(self._rewrite_for(side, peer_sdp, origin), now)
+
+    def _on_refresh_answered(self, leg: Leg, raw: bytes, now: float) -> None:
+        """The answer, in an ACK, to the SDP a leg offered back on a session refresh."""
+        if self.state is not CallState.ANSWERED or self.media is None:
+            return
+        current = self._sdp_a if leg is self.a else self._sdp_b
+        if current is not None and current.to_bytes() == raw:
+            return  # the usual case: nothing changed
+        try:
+            sdp = sdpmod.parse_sdp(raw)
+        except SdpError:
+            log.warning("call %s: bad SDP in the ACK of %s; ignored", self.id, leg.label)
+            return
+        self._adopt({leg: sdp}, now)
+
+    def _adopt(self, sdps: dict[Leg, SessionDescription], now: float) -> None:
+        """New SDP in force for one or both parties: the relay sends there, the RTP timeout
+        re-starts for a side that starts sending again, the recorder hears of the codecs."""
+        assert self.media is not None
+        before = self._sending()
+        for leg, sdp in sdps.items():
+            if leg is self.a:
+                self._sdp_a = sdp
+                self._set_remote(self.media.a, sdp)
+            else:
+                self._sdp_b = sdp
+                self._set_remote(self.media.b, sdp)
+        after = self._sending()
+        for key in ("a", "b"):
+            if after[key] and not before[key]:
+                self._silent_since[key] = now
+        self.on_hold = any(sdp is not None and sdpmod.is_hold(sdp)
+                           for sdp in (self._sdp_a, self._sdp_b))
+        if self._recorded:
+            self.host.call_action(self._recording_codecs())
+
+    def _sending(self) -> dict[str, bool]:
+        return {"a": _sends(self._sdp_a, self._sdp_b), "b": _sends(self._sdp_b, self._sdp_a)}
 
     # -- timers -------------------------------------------------------------------------------
     def on_timer(self, name: str, now: float) -> None:
@@ -406,19 +546,50 @@ class Call:
             self._failures.append(480)
             self._next_stage(now)
         elif name == "max_duration":
-            self._hangup_all(now, "maximum call duration reached")
+            self._hangup_all(now, "maximum call duration reached", unanswered=408)
         elif name == "rtp_check" and self.state is CallState.ANSWERED and self.media is not None:
             timeout = self.host.config.media.rtp_timeout
-            if not self.on_hold and now - self.media.last_media_at > timeout:
-                self._hangup_all(now, f"no RTP for {timeout} s")
+            silent = self._silent_side(now, timeout)
+            if silent:
+                self._hangup_all(now, f"no RTP from the {silent} for {timeout} s", unanswered=408)
             else:
                 self.host.timers.schedule(self, "rtp_check", now + min(timeout, 5.0))
 
-    def _hangup_all(self, now: float, cause: str) -> None:
-        self.a.hangup(now)
+    def _silent_side(self, now: float, timeout: float) -> str:
+        """``caller``/``callee`` when that side has sent no RTP for ``timeout`` seconds while
+        it is expected to send, else "".
+
+        Each side is watched on its own: a phone gone from Wi-Fi while the trunk keeps
+        sending must time out. A side is expected to send when its own SDP says it sends
+        (``sendrecv``/``sendonly``) and its peer's SDP says the peer receives
+        (``sendrecv``/``recvonly``), both with a real address (RFC 3264 §5.1, §6.1: the
+        answer mirrors the offer). So the held party (its peer sent ``sendonly`` or
+        ``inactive``, or ``c=0.0.0.0``), a ``recvonly``/``inactive`` party and a disabled
+        stream are not watched; the party holding with ``sendonly`` is (it says it sends,
+        music on hold). Silence counts from the answer, or from when the side was last
+        expected to start sending again (a resume), whichever the relay saw last.
+        """
+        assert self.media is not None
+        sending = self._sending()
+        for key, side, who in (("a", self.media.a, "caller"), ("b", self.media.b, "callee")):
+            if sending[key] and now - max(side.last_rx_at, self._silent_since[key]) > timeout:
+                return who
+        return ""
+
+    def shutdown(self, now: float) -> None:
+        """The switch stops: BYE the answered legs, CANCEL the ringing ones, ``487`` the
+        caller of an unanswered call; the CDR is written."""
+        self._hangup_all(now, "switch shut down", unanswered=487, disposition="failed")
+
+    def _hangup_all(self, now: float, cause: str, *, unanswered: int,
+                    disposition: str | None = None) -> None:
+        """End the call from our side: ``unanswered`` is what a caller still waiting hears."""
         for b in self.b_legs:
             b.hangup(now)
-        self._end(now, 200 if self.state is CallState.ANSWERED else 408, cause)
+        if self.state is CallState.ANSWERED:
+            self.a.hangup(now)
+        self._end(now, 200 if self.state is CallState.ANSWERED else unanswered, cause,
+                  disposition=disposition)
 
     # -- state --------------------------------------------------------------------------------
     def _set_state(self, new: CallState, now: float) -> None:
@@ -430,16 +601,23 @@ class Call:
         timers = self.host.timers
         if new is CallState.ANSWERED:
             self.answered_at = now
+            self._silent_since = {"a": now, "b": now}
             timers.cancel(self, "no_answer")
             timeout = self.host.config.media.rtp_timeout
             if timeout:
                 timers.schedule(self, "rtp_check", now + min(timeout, 5.0))
-            if self.recorded and self.media is not None:
+            answered = self.answered
+            self._recorded = self.host.router.records(
+                self.route, extensions=(self.caller_extension,
+                                        answered.extension if answered else ""),
+                gateways=(self.from_gateway, answered.gateway if answered else ""))
+            if self._recorded and self.media is not None:
                 self.host.call_action(StartRecording(self.id, self.media, self._codecs, now))
+                self.host.call_action(self._recording_codecs())
         elif new is CallState.ENDED:
             self.ended_at = now
             self.timers.clear()
-            if old is CallState.ANSWERED and self.recorded:
+            if old is CallState.ANSWERED and self._recorded:
                 self.host.call_action(StopRecording(self.id, now))
             if self.media is not None:
                 self.host.relay.close_session(self.media)
@@ -451,9 +629,11 @@ class Call:
                 did=self.route.dialled if self.route.direction is Direction.INBOUND else "",
                 extension=(answered_leg.extension if answered_leg else
                            (self.last_rang.extension if self.last_rang else "")),
-                gateway=self.from_gateway or next((b.gateway for b in [answered_leg] if b), ""),
+                gateway=(self.from_gateway or (answered_leg.gateway if answered_leg else "")
+                         or self._gateway_used),
                 started_at=self.created_at, answered_at=self.answered_at, ended_at=now,
-                disposition=self.disposition, sip_code=self.sip_code, cause=self.cause)
+                disposition=self.disposition, sip_code=self.sip_code, cause=self.cause,
+                caller_extension=self.caller_extension)
             self.host.call_ended(self, WriteCdr(rec))
             self._release()
 
@@ -466,19 +646,23 @@ class Call:
             leg.request.shrink()
         self.b_legs = []
         self.media = None
-        self._offer = self._answer = None
+        self._sdp_a = self._sdp_b = None
+        self._pending = None
 
-    def _end(self, now: float, code: int, cause: str) -> None:
-        """Finish the call: answer the caller if it is still waiting, write the CDR."""
+    def _end(self, now: float, code: int, cause: str, *, disposition: str | None = None) -> None:
+        """Finish the call: answer the caller if it is still waiting, write the CDR (with
+        the code the caller got)."""
         if self.state is CallState.ENDED:
             return
-        self.sip_code = code
         self.cause = cause
         if self.state is CallState.ANSWERED:
             self.disposition = "answered"
         else:
-            self.disposition = "cancel" if "cancel" in cause else _disposition(code)
-            self.a.reject(code if code >= 300 else 480, None, now)
+            code = code if code >= 300 else 480
+            self.disposition = disposition or ("cancel" if "cancel" in cause
+                                               else _disposition(code))
+            self.a.reject(code, None, now)
+        self.sip_code = code
         log.info("call %s ended: %s (%d, %s)", self.id, self.disposition, code, cause)
         self._set_state(CallState.ENDED, now)
 
@@ -494,6 +678,35 @@ class _EndedCall:
 
 
 _ENDED = _EndedCall()
+
+
+def _first_rtp(sdp: SessionDescription) -> int | None:
+    return next((i for i, m in enumerate(sdp.media) if m.is_rtp and m.port), None)
+
+
+def _codec_map(sdp: SessionDescription | None) -> dict[int, str]:
+    """Payload type -> encoding of the first RTP stream (the one relayed)."""
+    if sdp is None:
+        return {}
+    i = _first_rtp(sdp)
+    return {} if i is None else {c.payload_type: c.encoding for c in sdp.media[i].codecs()}
+
+
+_SENDS = frozenset({MediaDirection.SENDRECV, MediaDirection.SENDONLY})
+_RECEIVES = frozenset({MediaDirection.SENDRECV, MediaDirection.RECVONLY})
+
+
+def _sends(own: SessionDescription | None, peer: SessionDescription | None) -> bool:
+    """Whether the party whose SDP is ``own`` is expected to send RTP to the party whose SDP
+    is ``peer`` (see :meth:`Call._silent_side`)."""
+    if own is None or peer is None:
+        return False
+    i, j = _first_rtp(own), _first_rtp(peer)
+    if i is None or j is None:
+        return False
+    if sdpmod.media_address(own, i) is None or sdpmod.media_address(peer, j) is None:
+        return False
+    return sdpmod.direction(own, i) in _SENDS and sdpmod.direction(peer, j) in _RECEIVES
 
 
 def _quote(text: str) -> str:

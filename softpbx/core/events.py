@@ -90,6 +90,8 @@ class CallRecord:
     """Final SIP status of the call (200 when answered)."""
     cause: str
     """Why it ended, in words (``caller hung up``, ``RTP timeout`` ...)."""
+    caller_extension: str = ""
+    """The calling extension for outbound and internal calls, else ""."""
 
     @property
     def duration(self) -> int:
@@ -120,6 +122,20 @@ class StartRecording:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordingCodecs:
+    """The payload types each side of a recorded call sends with (RFC 3264 §5.1/§6.1: a party
+    sends with the payload type numbers of the *other* party's SDP). Emitted right after
+    :class:`StartRecording` and again after every successful re-negotiation."""
+
+    call_id: str
+    """The recorded call."""
+    caller: dict[int, str]
+    """Payload type -> encoding name of the caller's packets (side A): the callee's SDP."""
+    callee: dict[int, str]
+    """Payload type -> encoding name of the callee's packets (side B): the caller's SDP."""
+
+
+@dataclass(frozen=True, slots=True)
 class StopRecording:
     """The recorded call ended at ``at``: finalise the file."""
 
@@ -127,7 +143,7 @@ class StopRecording:
     at: float
 
 
-Action = SaveBinding | DeleteBinding | WriteCdr | StartRecording | StopRecording
+Action = SaveBinding | DeleteBinding | WriteCdr | StartRecording | RecordingCodecs | StopRecording
 
 
 # -- neutral call-control events: what legs tell their call (no SIP in here) -----------------
@@ -183,4 +199,23 @@ class LegOfferAnswered:
     sdp: bytes | None
 
 
-LegEvent = LegRinging | LegAnswered | LegFailed | LegHungUp | LegOffer | LegOfferAnswered
+@dataclass(frozen=True, slots=True)
+class LegOfferCancelled:
+    """The party on this leg withdrew its re-INVITE (CANCEL, already answered ``487``): the
+    call must not answer it, and undoes what it started on the other leg."""
+
+    leg: Leg
+
+
+@dataclass(frozen=True, slots=True)
+class LegRefreshAnswered:
+    """The party answered, in its ACK, the SDP offer the leg put in its 2xx to a re-INVITE
+    without SDP (a session refresh, RFC 4028 / RFC 3261 §14.2)."""
+
+    leg: Leg
+    sdp: bytes
+    """The party's answer."""
+
+
+LegEvent = (LegRinging | LegAnswered | LegFailed | LegHungUp | LegOffer | LegOfferAnswered
+            | LegOfferCancelled | LegRefreshAnswered)

@@ -1,8 +1,9 @@
 """B2BUA legs: one SIP dialog each, translated into neutral call-control events.
 
 A :class:`Call` commands legs (``ring``, ``answer``, ``reject``, ``cancel``, ``hangup``,
-``offer``, ``answer_offer``) and receives :mod:`.events` ``Leg*`` events from them; it never
-sees a SIP message. Legs talk SIP through the :class:`LegHost` (the switch): the stack, the
+``offer``, ``answer_offer``, ``cancel_offer``) and receives :mod:`.events` ``Leg*`` events
+from them; it never sees a SIP message. What needs no decision of the call stays here:
+session refreshes without SDP, answers to a trunk's challenges, forks upstream. Legs talk SIP through the :class:`LegHost` (the switch): the stack, the
 dialog table, the timer queue.
 """
 
@@ -17,7 +18,7 @@ from ..sip.auth import client_authorization
 from ..sip.dialog import Dialog
 from ..sip.errors import SipError
 from ..sip.events import Flow
-from ..sip.message import Request, Response
+from ..sip.message import Request, Response, full_name
 from ..sip.stack import SipStack, new_tag
 from ..sip.transaction import ClientTransaction, ServerTransaction
 from .events import (
@@ -27,6 +28,8 @@ from .events import (
     LegHungUp,
     LegOffer,
     LegOfferAnswered,
+    LegOfferCancelled,
+    LegRefreshAnswered,
     LegRinging,
 )
 from .timers import TimerQueue
@@ -37,6 +40,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("softpbx.leg")
 
 SDP = "application/sdp"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"
+_AUTH_HEADERS = ("authorization", "proxy-authorization")
+
+
+def with_credentials(request: Request, challenge: Response, credentials: tuple[str, str],
+                     cseq: int) -> Request | None:
+    """``request`` again, answering ``challenge`` (a 401/407 to it) with ``credentials`` and
+    carrying CSeq ``cseq`` (RFC 3261 §22.2, §8.1.3.5); ``None`` when no challenge can be
+    answered. The stack adds a new Via (a new branch: it is a new transaction)."""
+    header = "www-authenticate" if challenge.status == 401 else "proxy-authenticate"
+    answer_header = "Authorization" if challenge.status == 401 else "Proxy-Authorization"
+    user, password = credentials
+    value = None
+    for ch in challenge.get_all(header):
+        value = client_authorization(ch, method=request.method, uri=request.uri_text,
+                                     username=user, password=password,
+                                     cnonce=secrets.token_hex(8))
+        if value is not None:
+            break
+    if value is None:
+        return None
+    headers = [(n, v) for n, v in request.headers
+               if full_name(n) not in ("via", "cseq", *_AUTH_HEADERS)]
+    headers.insert(0, ("CSeq", f"{cseq} {request.method}"))
+    headers.insert(0, (answer_header, value))
+    return Request(request.method, request.uri_text, headers, request.body)
+
+
+def _credentials_of(request: Request) -> list[tuple[str, str]]:
+    """The request's Authorization/Proxy-Authorization lines (an ACK repeats them)."""
+    return [(n, v) for n, v in request.headers if full_name(n) in _AUTH_HEADERS]
 
 
 class LegHost(Protocol):
@@ -83,6 +117,19 @@ class Leg:
         """Extension behind this leg, when it is a phone."""
         self.gateway = ""
         """Gateway behind this leg, when it is a trunk."""
+        self.credentials: tuple[str, str] | None = None
+        """(username, password) for the far end's 401/407 challenges (trunks), also on
+        in-dialog requests (BYE, re-INVITE)."""
+        self.local_sdp: bytes | None = None
+        """The SDP this leg's party last accepted from us: what a re-INVITE without SDP
+        (a session refresh) gets in our 2xx."""
+        self._sent_offer: bytes | None = None
+        """The SDP of our re-INVITE in progress (``local_sdp`` once it succeeds)."""
+        self._offer_in_2xx = False
+        """The 2xx whose ACK we await carries an offer: the ACK carries the answer."""
+        self._bye_after_ack = False
+        """The leg is hung up but its party has not ACKed our 2xx yet: the BYE waits for the
+        ACK, or its timeout (RFC 3261 §15)."""
 
     @property
     def ended(self) -> bool:
@@ -97,8 +144,26 @@ class Leg:
             return
         self.state = LegState.ENDED
         self.timers.clear()
+        self._bye_after_ack = False
         if self.dialog is not None:
             self.host.remove_dialog(self.dialog)
+
+    def _end_dialog(self, now: float) -> None:
+        """Hang up the answered leg. A re-INVITE/UPDATE its party sent and nobody answered
+        yet gets ``487`` (RFC 3261 §15.1.2) first; while our 2xx to an INVITE of its party
+        still waits for the ACK, the BYE waits too (RFC 3261 §15), for at most 64*T1."""
+        self._drop_peer_offer(now)
+        if self._pending_2xx_cseq != -1:
+            self._bye_after_ack = True
+            return
+        self._send_bye(now)
+        self._finish()
+
+    def _drop_peer_offer(self, now: float) -> None:
+        tx = self._offer_from_peer
+        if tx is not None:
+            self._offer_from_peer = None
+            self.host.stack.reply(tx, 487, now=now)
 
     def _send_bye(self, now: float) -> None:
         if self.dialog is None:
@@ -116,21 +181,50 @@ class Leg:
         method = req.method
         if method == "BYE":
             stack.reply(tx, 200, now=now)
-            if self._offer_from_peer is not None:
-                stack.reply(self._offer_from_peer, 487, now=now)
+            self._drop_peer_offer(now)
             self._finish()
             self._emit(LegHungUp(self, "BYE from " + self.label), now)
+        elif self._bye_after_ack:
+            stack.reply(tx, 481, now=now)  # the call is over; our BYE follows the ACK
+        elif method == "UPDATE" and not req.body:
+            # RFC 3311 / RFC 4028: an UPDATE without SDP (a session refresh) changes no
+            # media: answered here, the other party need not hear of it.
+            stack.reply(tx, 200, now=now, headers=[("Contact", self.host.contact_for(self.flow))])
         elif method in ("INVITE", "UPDATE"):
             if self._offer_from_peer is not None or self._offer_tx is not None:
                 stack.reply(tx, 491, now=now)  # RFC 3261 §14.2 glare
                 return
+            if not req.body:
+                self._answer_refresh(tx, now)
+                return
             self._offer_from_peer = tx
             tx.user_data = self
-            self._emit(LegOffer(self, req.body or None), now)
+            self._emit(LegOffer(self, req.body), now)
         elif method in ("OPTIONS", "INFO", "NOTIFY"):
             stack.reply(tx, 200, now=now)
         else:
-            stack.reply(tx, 405, now=now, headers=[("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO")])
+            stack.reply(tx, 405, now=now, headers=[("Allow", ALLOW)])
+
+    def _answer_refresh(self, tx: ServerTransaction, now: float) -> None:
+        """A re-INVITE without SDP (a session refresh, RFC 4028; RFC 3261 §14.2: our 2xx must
+        carry an offer): offered the SDP its party already has, unchanged (same ``o=``
+        version, RFC 3264 §8), answered here. The answer comes in the ACK."""
+        if self.local_sdp is None:
+            self.host.stack.reply(tx, 488, now=now)
+            return
+        headers = [("Contact", self.host.contact_for(self.flow)), ("Content-Type", SDP)]
+        resp = self.host.stack.reply(tx, 200, now=now, headers=headers, body=self.local_sdp)
+        self._await_ack(resp, tx.request.cseq.number, now, offer=True)
+
+    def on_cancel(self, tx: ServerTransaction, now: float) -> None:
+        """A CANCEL matched an unanswered INVITE of this leg's party (the stack sent its 200):
+        here a re-INVITE, answered ``487``; the call undoes what it started for it."""
+        if tx is self._offer_from_peer:
+            self._offer_from_peer = None
+            self.host.stack.reply(tx, 487, now=now)
+            self._emit(LegOfferCancelled(self), now)
+        elif not tx.final_sent:
+            self.host.stack.reply(tx, 487, now=now)
 
     def answer_offer(self, status: int, sdp: bytes | None, now: float) -> None:
         """Answer the re-INVITE/UPDATE this leg's party sent (see :class:`LegOffer`)."""
@@ -142,17 +236,21 @@ class Leg:
         if sdp:
             headers.append(("Content-Type", SDP))
         resp = self.host.stack.reply(tx, status, now=now, headers=headers, body=sdp or b"")
+        if 200 <= status < 300 and sdp:
+            self.local_sdp = sdp
         if tx.method == "INVITE" and 200 <= status < 300:
             self._await_ack(resp, tx.request.cseq.number, now)
 
     # -- 2xx to INVITE: re-sent until the ACK (RFC 3261 §13.3.1.4) ---------------------------
-    def _await_ack(self, resp: Response, cseq: int, now: float) -> None:
+    def _await_ack(self, resp: Response, cseq: int, now: float, *, offer: bool = False) -> None:
         """``resp`` (a 2xx to the INVITE with CSeq ``cseq``) went out: the UAS core, not the
         transaction, re-sends it over UDP from T1 doubling to T2 until the ACK comes, and
         ends the dialog if none comes within 64*T1 (RFC 6026 §7.1 moved this out of the
-        transaction). This holds for re-INVITEs (hold/resume) as much as for the first."""
+        transaction). This holds for re-INVITEs (hold/resume) as much as for the first.
+        ``offer``: the 2xx carries an offer, so the ACK carries the answer."""
         t1 = self.host.stack.t1
         self._pending_2xx_cseq = cseq
+        self._offer_in_2xx = offer
         if not self.flow.reliable:
             self._pending_2xx = resp.serialize()
             self._interval = t1
@@ -167,6 +265,14 @@ class Leg:
         self._pending_2xx_cseq = -1
         TimerQueue.cancel(self, "2xx")
         TimerQueue.cancel(self, "no_ack")
+        if self._offer_in_2xx:
+            self._offer_in_2xx = False
+            if req.body:
+                self._emit(LegRefreshAnswered(self, req.body), now)
+        if self._bye_after_ack:
+            self._bye_after_ack = False
+            self._send_bye(now)
+            self._finish()
 
     def offer(self, sdp: bytes | None, now: float) -> None:
         """Send a re-INVITE to this leg's party (the other party re-negotiated)."""
@@ -178,19 +284,55 @@ class Leg:
         tx = self.host.stack.send_request(req, self.flow, now)
         tx.user_data = self
         self._offer_tx = tx
+        self._sent_offer = sdp
+
+    def cancel_offer(self, now: float) -> None:
+        """Withdraw the re-INVITE this leg sent (its offer's originator CANCELled its own)."""
+        if self._offer_tx is not None:
+            self.host.stack.cancel(self._offer_tx, now)
 
     def _on_offer_response(self, resp: Response, tx: ClientTransaction, now: float) -> None:
         if resp.status < 200:
             return
         if resp.status < 300:
             assert self.dialog is not None
-            ack = self.dialog.ack(tx.request.cseq.number)
-            self.host.stack.send_stateless(self._with_via(ack, now), self.flow)
+            # RFC 3261 §12.2.1.2: a 2xx to a re-INVITE refreshes the remote target (the
+            # ACK already goes there).
+            self.dialog.confirm(resp)
+            self.host.stack.send_stateless(self._with_via(self._ack_for(self.dialog, tx), now),
+                                           self.flow)
             if self._offer_tx is not tx:
                 return  # a retransmitted 2xx: the ACK above was all it needed
+            if self._sent_offer:
+                self.local_sdp = self._sent_offer
         if self._offer_tx is tx:
             self._offer_tx = None
+            self._sent_offer = None
             self._emit(LegOfferAnswered(self, resp.status, resp.body or None), now)
+
+    @staticmethod
+    def _ack_for(dialog: Dialog, tx: ClientTransaction) -> Request:
+        """The ACK for a 2xx to ``tx``'s INVITE, with the INVITE's credentials."""
+        return dialog.ack(tx.request.cseq.number, extra=_credentials_of(tx.request))
+
+    def _retry_challenged(self, resp: Response, tx: ClientTransaction, now: float) -> bool:
+        """An in-dialog request (BYE, re-INVITE) challenged by a trunk: sent again, once, with
+        the leg's credentials and the dialog's next CSeq (RFC 3261 §22.2)."""
+        dialog = self.dialog
+        old = tx.request
+        if (self.credentials is None or dialog is None
+                or any(old.has(h) for h in _AUTH_HEADERS)):  # answered once already
+            return False
+        cseq = max(old.cseq.number, dialog.local_cseq) + 1
+        req = with_credentials(old, resp, self.credentials, cseq)
+        if req is None:
+            return False
+        dialog.local_cseq = cseq
+        new = self.host.stack.send_request(req, self.flow, now)
+        new.user_data = self
+        if tx is self._offer_tx:
+            self._offer_tx = new
+        return True
 
     def _with_via(self, req: Request, now: float) -> Request:
         local = self.flow.local
@@ -200,7 +342,10 @@ class Leg:
         return req
 
     def on_response(self, resp: Response, tx: ClientTransaction, now: float) -> None:
-        """A response to a request this leg sent (a re-INVITE; BYE answers need nothing)."""
+        """A response to a request this leg sent (a re-INVITE; BYE answers need nothing
+        unless they are a challenge)."""
+        if resp.status in (401, 407) and self._retry_challenged(resp, tx, now):
+            return
         if tx.method == "INVITE":
             self._on_offer_response(resp, tx, now)
 
@@ -208,6 +353,7 @@ class Leg:
         """A request this leg sent got no answer."""
         if tx is self._offer_tx:
             self._offer_tx = None
+            self._sent_offer = None
             self._emit(LegOfferAnswered(self, 408, None), now)
 
     def on_timer(self, name: str, now: float) -> None:
@@ -272,6 +418,7 @@ class InboundLeg(Leg):
             headers.append(("Content-Type", SDP))
         resp = self.host.stack.reply(self.tx, 200, now=now, to_tag=self.local_tag,
                                      headers=headers, body=sdp or b"")
+        self.local_sdp = sdp
         self.dialog = Dialog.as_uas(self.request, self.local_tag)
         self.host.add_dialog(self.dialog, self)
         self.state = LegState.ANSWERED
@@ -288,13 +435,16 @@ class InboundLeg(Leg):
     def hangup(self, now: float) -> None:
         """End the caller's leg: BYE when answered, else ``487 Request Terminated``."""
         if self.state is LegState.ANSWERED:
-            self._send_bye(now)
-            self._finish()
+            self._end_dialog(now)
         else:
             self.reject(487, None, now)
 
-    def on_cancel(self, now: float) -> None:
-        """The caller sent CANCEL (the stack already answered it 200)."""
+    def on_cancel(self, tx: ServerTransaction, now: float) -> None:
+        """The caller sent CANCEL (the stack already answered it 200): for its INVITE, or
+        for a re-INVITE (:meth:`Leg.on_cancel`)."""
+        if tx is not self.tx:
+            super().on_cancel(tx, now)
+            return
         if self.state in (LegState.ANSWERED, LegState.ENDED):
             return
         self.host.stack.reply(self.tx, 487, now=now, to_tag=self.local_tag)
@@ -311,10 +461,13 @@ class OutboundLeg(Leg):
         self.request = request
         """The INVITE as sent (without Via; the stack adds one per transaction)."""
         self.credentials = credentials
-        """(username, password) for the far end's 401/407 challenges (trunks)."""
+        self.local_sdp = request.body or None
         self.invite_tx: ClientTransaction | None = None
         self._auth_tries = 0
         self._cancelled = False
+        self._strays: dict[str, Dialog] = {}
+        """Dialogs other forks of our INVITE made upstream (a 2xx with another To tag), by
+        tag: each was ACKed and sent a BYE; kept to re-ACK their 2xx retransmissions."""
 
     def start(self, now: float) -> None:
         """Send the INVITE."""
@@ -332,8 +485,7 @@ class OutboundLeg(Leg):
     def hangup(self, now: float) -> None:
         """End the leg: BYE when answered, CANCEL while ringing."""
         if self.state is LegState.ANSWERED:
-            self._send_bye(now)
-            self._finish()
+            self._end_dialog(now)
         else:
             self.cancel(now)
 
@@ -362,6 +514,10 @@ class OutboundLeg(Leg):
             self._emit(LegFailed(self, status, resp.reason), now)
 
     def _on_2xx(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        if self.dialog is not None and resp.to.tag != self.dialog.id.remote_tag:
+            self._on_stray_2xx(resp, tx, now)
+            return
+        fresh = self.dialog is None
         if self.dialog is None:
             try:
                 self.dialog = Dialog.as_uac(tx.request, resp)
@@ -373,43 +529,52 @@ class OutboundLeg(Leg):
                     if not self._cancelled:
                         self._emit(LegFailed(self, 502, "Bad Gateway"), now)
                 return
-        ack = self._with_via(self.dialog.ack(tx.request.cseq.number), now)
+        ack = self._with_via(self._ack_for(self.dialog, tx), now)
         self.host.stack.send_stateless(ack, self.flow)
         if self.state is LegState.ANSWERED:
             return  # a retransmitted 2xx: re-ACKed above
         if self.state is LegState.ENDED or self._cancelled:
             # Answered after we gave up on it (a fork that lost the race, a CANCEL that
-            # crossed the 200): ACK it, then end it at once.
-            self._send_bye(now)
+            # crossed the 200): ACK it, then end it at once (one BYE: a retransmitted 2xx
+            # is only re-ACKed).
+            if fresh:
+                self._send_bye(now)
             self._finish()
             return
         self.state = LegState.ANSWERED
         self.host.add_dialog(self.dialog, self)
         self._emit(LegAnswered(self, resp.body or None), now)
 
+    def _on_stray_2xx(self, resp: Response, tx: ClientTransaction, now: float) -> None:
+        """A 2xx with another To tag than our dialog's: another fork upstream answered too.
+        RFC 3261 §13.2.2.4: it is a dialog of its own, which gets its own ACK and, as we
+        want one dialog only, a BYE; its retransmissions are re-ACKed."""
+        tag = resp.to.tag or ""
+        dialog = self._strays.get(tag)
+        fresh = dialog is None
+        if dialog is None:
+            try:
+                dialog = Dialog.as_uac(tx.request, resp)
+            except SipError as exc:
+                log.warning("leg %s: unusable 2xx from another fork: %s", self.label, exc.reason)
+                return
+            self._strays[tag] = dialog
+            log.info("leg %s: a second fork answered (To tag %s): ACK and BYE", self.label, tag)
+        self.host.stack.send_stateless(self._with_via(self._ack_for(dialog, tx), now), self.flow)
+        if fresh:
+            bye = self.host.stack.send_request(dialog.request("BYE"), self.flow, now)
+            bye.user_data = self
+
     def _retry_with_credentials(self, resp: Response, now: float) -> bool:
         """Answer the trunk's challenge once (RFC 3261 §22.2)."""
         if self.credentials is None or self._auth_tries >= 1 or self._cancelled:
             return False
-        header = "www-authenticate" if resp.status == 401 else "proxy-authenticate"
-        answer_header = "Authorization" if resp.status == 401 else "Proxy-Authorization"
-        user, password = self.credentials
-        values = []
-        for ch in resp.get_all(header):
-            v = client_authorization(ch, method="INVITE", uri=self.request.uri_text, username=user,
-                                     password=password, cnonce=secrets.token_hex(8))
-            if v is not None:
-                values.append(v)
-                break
-        if not values:
+        old = self.request
+        req = with_credentials(old, resp, self.credentials, old.cseq.number + 1)
+        if req is None:
             return False
         self._auth_tries += 1
-        old = self.request
-        headers = [(n, v) for n, v in old.headers
-                   if n.lower() not in ("via", "cseq", "authorization", "proxy-authorization")]
-        headers.insert(0, ("CSeq", f"{old.cseq.number + 1} INVITE"))
-        headers.insert(0, (answer_header, values[0]))
-        self.request = Request("INVITE", old.uri_text, headers, old.body)
+        self.request = req
         self.start(now)
         return True
 

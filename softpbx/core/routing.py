@@ -62,6 +62,9 @@ class Route:
     dialled: str
     """The number as dialled (the DID for inbound calls)."""
     record: bool = True
+    """Whether what routing already knows asks for recording: the calling extension, the
+    trunk, the dial rule or inbound route (any of them); :meth:`Router.records` adds the
+    parties known at the answer."""
     rule: str = ""
     """Dial rule or inbound route that matched (for CDRs and logs)."""
 
@@ -92,7 +95,7 @@ class Router:
             return NoRoute(403, "Forbidden")
         if dialled in self.extensions:
             return Route(Direction.INTERNAL, (Stage((ExtensionTarget(dialled),)),), dialled,
-                         record=ext.record and self.extensions[dialled].record)
+                         record=ext.record)
         if dialled.startswith("group:") or dialled in self.groups:
             name = dialled.removeprefix("group:")
             if name in self.groups:
@@ -114,7 +117,7 @@ class Router:
         gw = self.gateways[rule.gateway]
         return Route(Direction.OUTBOUND,
                      (Stage((GatewayTarget(gw.name, number, cid, name),)),), dialled,
-                     record=ext.record and rule.record and gw.record, rule=rule.name)
+                     record=ext.record or rule.record or gw.record, rule=rule.name)
 
     def from_gateway(self, gateway: Gateway, did: str) -> Route | NoRoute:
         """A call from trunk ``gateway`` to ``did``."""
@@ -126,15 +129,31 @@ class Router:
         if route.fallback:
             stages += self._destination(route.fallback, did, 0)
         return Route(Direction.INBOUND, tuple(stages), did,
-                     record=route.record and gateway.record, rule=route.did)
+                     record=route.record or gateway.record, rule=route.did)
 
     def _destination(self, dest: str, did: str, timeout: float) -> tuple[Stage, ...]:
         if dest.startswith("group:"):
             return self._group_stages(dest.removeprefix("group:"), timeout)
         if dest.startswith("gateway:"):
+            # No caller ID of its own: the forwarded call shows the original caller's number.
             gw, _, number = dest.removeprefix("gateway:").partition("/")
-            return (Stage((GatewayTarget(gw, number or did, did),), timeout),)
+            return (Stage((GatewayTarget(gw, number or did),), timeout),)
         return (Stage((ExtensionTarget(dest),), timeout),)
+
+    def records(self, route: Route, *, extensions: tuple[str, ...] = (),
+                gateways: tuple[str, ...] = ()) -> bool:
+        """Whether a call on ``route`` is recorded, decided when it is answered: with
+        ``[recording] enabled`` (the master switch), when any party involved has
+        ``record = true`` -- the route itself (calling extension, trunk, dial rule or
+        inbound route), or one of ``extensions`` (the caller's, the one that answered) and
+        ``gateways`` (the trunk it came from or went out through); "" entries are skipped."""
+        if not self.config.recording.enabled:
+            return False
+        if route.record:
+            return True
+        if any(e in self.extensions and self.extensions[e].record for e in extensions if e):
+            return True
+        return any(g in self.gateways and self.gateways[g].record for g in gateways if g)
 
     def _group_stages(self, name: str, timeout: float) -> tuple[Stage, ...]:
         group = self.groups[name]

@@ -6,6 +6,7 @@ and hands out bytes to send, actions to carry out, and one timer.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import deque
 from email.utils import formatdate
@@ -30,7 +31,7 @@ from ..sip.uri import split_hostport
 from .call import Call, MediaRelay
 from .events import Action, Binding, WriteCdr
 from .gateway_reg import GatewayRegistration
-from .leg import InboundLeg, Leg
+from .leg import Leg
 from .registrar import IntervalTooBrief, Registrar
 from .routing import NoRoute, Router
 from .security import FailureTracker, loggable
@@ -45,12 +46,17 @@ KNOWN_METHODS = frozenset({"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
                            "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE",
                            "REFER"})
 """Methods softpbx knows of: the ones it does not implement get 405, unknown ones 501."""
-SUPPORTED = frozenset({"path", "outbound"})
-"""Option tags softpbx accepts in ``Require`` (RFC 3261 §8.2.2.3)."""
+SUPPORTED = frozenset({"outbound"})
+"""Option tags softpbx accepts in ``Require`` (RFC 3261 §8.2.2.3). ``outbound`` (RFC 5626):
+softpbx is the edge and the registrar, keeps each registration's flow and answers CRLF
+keep-alives; ``path`` (RFC 3327) is not implemented, so it is not claimed."""
 
 
 def gateway_matcher(gateways: tuple[Gateway, ...]) -> dict[tuple[str, int | None], Gateway]:
-    """(ip, port or None) -> gateway, from ``inbound_addresses`` or the proxy address."""
+    """(ip, port or None) -> gateway, from ``inbound_addresses`` or the proxy address.
+
+    A proxy given by host name is left out here: it enters the table once the shell resolved
+    it (:meth:`Switch.set_gateway_address`)."""
     table: dict[tuple[str, int | None], Gateway] = {}
     for gw in gateways:
         addrs = gw.inbound_addresses or (gw.proxy,)
@@ -59,8 +65,18 @@ def gateway_matcher(gateways: tuple[Gateway, ...]) -> dict[tuple[str, int | None
                 table[(a.lower(), None)] = gw  # bare IPv6
                 continue
             host, port = split_hostport(a)
-            table[(host.strip("[]").lower(), port)] = gw
+            host = host.strip("[]").lower()
+            if _is_ip(host):
+                table[(host, port)] = gw
     return table
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 class Switch:
@@ -101,6 +117,12 @@ class Switch:
         for reg in self.gateway_registrations.values():
             reg.start(now)
         self._drain(now)
+
+    def unregister_gateways(self, now: float) -> int:
+        """Shutting down: withdraw our registrations at the providers; how many went out."""
+        n = sum(reg.stop(now) for reg in self.gateway_registrations.values())
+        self._drain(now)
+        return n
 
     # -- shell API ----------------------------------------------------------------------------
     def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:
@@ -162,8 +184,14 @@ class Switch:
         return n
 
     def set_gateway_address(self, name: str, addr: tuple[str, int]) -> None:
-        """The shell resolved a gateway's proxy (a hostname) to ``addr``."""
+        """The shell resolved a gateway's proxy (a hostname) to ``addr``: requests go there,
+        and, unless the gateway lists its ``inbound_addresses``, requests from that IP (and
+        the proxy's port, when it names one) are the gateway's."""
         self._gateway_addrs[name] = addr
+        gw = self._gateways_by_name[name]
+        if not gw.inbound_addresses:
+            _, port = split_hostport(gw.proxy)
+            self.gateways.setdefault((addr[0].lower(), port), gw)
 
     def gateway_flow(self, gateway: Gateway) -> Flow:
         """Where requests to ``gateway`` go, from the external profile's address."""
@@ -195,11 +223,21 @@ class Switch:
         """Bindings read back from the store (their ``expires_at`` already in our clock)."""
         self.registrar.load(bindings)
 
-    def gateway_for(self, flow: Flow) -> Gateway | None:
-        """The gateway a request from ``flow`` belongs to (address and port, or address)."""
+    def gateway_for(self, flow: Flow, req: Request | None = None) -> Gateway | None:
+        """The gateway a request from ``flow`` belongs to: by address and port, by address, or
+        by the registration it holds (the unguessable ``line`` parameter softpbx put in the
+        Contact it registered, which the provider sends its INVITEs to, as Asterisk's
+        ``line`` option does)."""
         ip, port = flow.remote
         ip = ip.lower()
-        return self.gateways.get((ip, port)) or self.gateways.get((ip, None))
+        gw = self.gateways.get((ip, port)) or self.gateways.get((ip, None))
+        if gw is None and req is not None and self.gateway_registrations:
+            line = req.uri.params.get("line")
+            if line:
+                for reg in self.gateway_registrations.values():
+                    if reg.owns_line(line):
+                        return reg.gateway
+        return gw
 
     # -- dispatch -----------------------------------------------------------------------------
     def _drain(self, now: float) -> None:
@@ -238,8 +276,10 @@ class Switch:
                             ev.status if ev.status else "dropped")
             elif isinstance(ev, CancelReceived):
                 leg = ev.invite_tx.user_data
-                if isinstance(leg, InboundLeg):
-                    leg.on_cancel(now)
+                if isinstance(leg, Leg):
+                    # The caller's INVITE, or a re-INVITE from either party (the leg
+                    # answers it 487 and the call withdraws what it forwarded).
+                    leg.on_cancel(ev.invite_tx, now)
                 else:
                     stack.reply(ev.invite_tx, 487, now=now, to_tag=new_tag())
 
@@ -312,7 +352,8 @@ class Switch:
         if self.failures.is_banned(ip, now):
             self.stack.reply(tx, 403, now=now, to_tag=new_tag())
             return None
-        result = self.auth.check(req.method, req.get_all("authorization"), now)
+        result = self.auth.check(req.method, req.get_all("authorization"), now,
+                                 request_uri=req.uri_text)
         outcome = result.outcome
         if outcome is AuthOutcome.OK:
             return result.username
@@ -351,6 +392,10 @@ class Switch:
         self._actions.extend(actions)
         # RFC 3261 §10.3 step 8: a Date header, so that phones without a clock can set one.
         headers.append(("Date", formatdate(now + self.wall_offset, usegmt=True)))
+        # RFC 5626 §6: an outbound registration (reg-id, Supported: outbound) is confirmed.
+        if (any("reg-id" in c.params for c in req.contacts or ())
+                and "outbound" in (t.lower() for t in req.values("supported"))):
+            headers.append(("Require", "outbound"))
         self.stack.reply(tx, 200, now=now, to_tag=new_tag(), headers=headers)
 
     def _on_invite(self, req: Request, tx: ServerTransaction, flow: Flow, now: float) -> None:
@@ -361,8 +406,13 @@ class Switch:
             reply(tx, 415, now=now, to_tag=new_tag(), headers=[("Accept", "application/sdp")])
             return
         dialled = req.uri.unescaped_user
-        gateway = self.gateway_for(flow)
+        gateway = self.gateway_for(flow, req)
         if gateway is not None:
+            if gateway.register and (dialled in ("", gateway.username, gateway.from_user)
+                                     or "line" in req.uri.params):
+                # A provider we register to sends calls to the Contact we registered (our
+                # account name): the number dialled is then in To.
+                dialled = req.to.uri.unescaped_user
             route = self.router.from_gateway(gateway, dialled)
             frm = req.from_
             caller_number, caller_name = frm.uri.unescaped_user, frm.display or ""
@@ -404,6 +454,15 @@ class Switch:
         log.info("call %s: %s %s -> %s from %s", call.id, route.direction.value,
                  caller_number, dialled, flow)
         call.start(now)
+
+    def shutdown(self, now: float) -> None:
+        """The switch is stopping: hang up every live call -- BYE to answered legs, CANCEL
+        to ringing callees, ``487`` to callers still waiting -- so that each writes its CDR
+        (drain :meth:`datagrams_to_send` and :meth:`next_action` afterwards). A BYE to a
+        caller that has not ACKed our 2xx yet waits for the ACK (RFC 3261 §15)."""
+        for call in list(self.calls.values()):
+            call.shutdown(now)
+        self._drain(now)
 
 
 

@@ -147,9 +147,12 @@ class Dialog:
         headers.append(("Content-Length", str(len(body))))
         return Request(method, uri, headers, body)
 
-    def ack(self, invite_cseq: int, *, body: bytes = b"") -> Request:
-        """The ACK for a 2xx to our INVITE with CSeq ``invite_cseq``."""
-        return self.request("ACK", cseq=invite_cseq, body=body)
+    def ack(self, invite_cseq: int, *, body: bytes = b"",
+            extra: list[tuple[str, str]] | None = None) -> Request:
+        """The ACK for a 2xx to our INVITE with CSeq ``invite_cseq``. ``extra``: the INVITE's
+        ``Authorization``/``Proxy-Authorization`` values, which the ACK must repeat
+        (RFC 3261 §13.2.2.4: "the ACK MUST contain the same credentials as the INVITE")."""
+        return self.request("ACK", cseq=invite_cseq, body=body, extra=extra)
 
     def _target_and_routes(self) -> tuple[str, list[str]]:
         # RFC 3261 §12.2.1.1: loose routing keeps the remote target as Request-URI; a strict

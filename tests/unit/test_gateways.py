@@ -104,9 +104,11 @@ def test_trunk_407_on_invite_answered_with_credentials(profiles: Path) -> None:
     assert inv2.cseq.number == 2 and inv2.call_id == inv.call_id and inv2.body == inv.body
     assert prov.check("INVITE", inv2.get_all("proxy-authorization"), net.clock.now).outcome \
         is AuthOutcome.OK
-    # a second challenge is not answered again: the call fails instead of looping
+    # a second challenge is not answered again: the call fails instead of looping, and the
+    # caller hears that the route is unusable, not a challenge for the provider's realm
     net.feed(make_response(inv2, 407, to_tag="t").serialize(), ("127.0.0.1", 5070))
-    assert [m.status for m in net.take(ALICE)][-1] == 407
+    assert [m.status for m in net.take(ALICE)][-1] == 503
+    assert net.cdrs[0].sip_code == 503 and net.cdrs[0].gateway == "carrier"
     assert isinstance(ch, Response)
 
 

@@ -91,3 +91,16 @@ def test_dialog_needs_one_contact_and_a_tag() -> None:
         Dialog.as_uas(parse_message(INVITE.replace(b"Contact: <sip:101@10.0.0.1:5060;transport=udp>\r\n", b"")), "t")
     with pytest.raises(SipError):
         Dialog.as_uac(parse_message(INVITE), parse_message(OK.replace(b";tag=8321234356", b"")))
+
+
+def test_2xx_to_reinvite_refreshes_target_and_ack_repeats_credentials() -> None:
+    # RFC 3261 §12.2.1.2: a 2xx to a target refresh request (re-INVITE) carries the new
+    # remote target; §13.2.2.4: the ACK has the INVITE's credentials.
+    d = Dialog.as_uac(parse_message(INVITE), parse_message(OK))
+    reinv_ok = parse_message(OK.replace(b"Contact: <sip:102@10.0.0.2:5062>",
+                                        b"Contact: <sip:102@10.0.0.7:5070>"))
+    d.confirm(reinv_ok)
+    assert d.remote_target == "sip:102@10.0.0.7:5070" and d.state is DialogState.CONFIRMED
+    ack = wire(d.ack(314160, extra=[("Proxy-Authorization", 'Digest username="u"')]))
+    assert ack.uri_text == "sip:102@10.0.0.7:5070" and ack.cseq.number == 314160
+    assert ack.get_all("proxy-authorization") == ['Digest username="u"']
