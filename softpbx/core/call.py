@@ -12,6 +12,7 @@ import secrets
 from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
+from urllib.parse import quote
 
 from ..config.schema import Config, Gateway
 from ..media.ports import PortRangeExhausted
@@ -282,24 +283,31 @@ class Call:
             return []
         flow = self.host.gateway_flow(gw)
         host = gw.realm or gw.proxy
-        ruri = f"sip:{target.number}@{gw.proxy}"
-        to = f"<sip:{target.number}@{host}>"
         creds = (gw.username, gw.password) if gw.username else None
         # A DID forwarded out (no caller ID of its own configured) shows the original caller.
         caller = (None if self.route.direction is Direction.INBOUND and not target.caller_id_number
                   else (target.caller_id_number, target.caller_id_name))
-        leg = self._make_leg(flow=flow, ruri=ruri, to=to, credentials=creds, caller=caller,
-                             host=host)
+        account = None if gw.caller_id_in_from else (gw.from_user or gw.username or None)
+        leg = self._make_leg(flow=flow, ruri=f"sip:{_user(target.number)}@{gw.proxy}",
+                             to=f"<sip:{_user(target.number)}@{host}>", credentials=creds,
+                             caller=caller, host=host, account=account)
         leg.gateway = gw.name
         return [leg]
 
     def _make_leg(self, *, flow: Flow, ruri: str, to: str, credentials: tuple[str, str] | None,
-                  caller: tuple[str, str] | None = None, host: str | None = None) -> OutboundLeg:
+                  caller: tuple[str, str] | None = None, host: str | None = None,
+                  account: str | None = None) -> OutboundLeg:
+        """``account``: the From user is this trunk account, and the caller ID goes in
+        ``P-Asserted-Identity`` (RFC 3325; a gateway with ``caller_id_in_from = false``)."""
         self._leg_count += 1
         number, name = caller if caller is not None else (self.caller_number, self.caller_name)
-        number = number or self.caller_number or "anonymous"
+        number = _user(number or self.caller_number or "anonymous")
         from_host = host or self.host.config.global_.domain
         disp = f'"{_quote(name)}" ' if name else ""
+        identity: list[tuple[str, str]] = []
+        if account is not None:
+            identity = [("P-Asserted-Identity", f"{disp}<sip:{number}@{from_host}>")]
+            number = _user(account)
         assert self._sdp_a is not None and self.media is not None and self._origin_b is not None
         body = self._rewrite_for(self.media.b, self._sdp_a, self._origin_b)
         mf = self.a.request.max_forwards
@@ -310,6 +318,7 @@ class Call:
             ("Call-ID", f"{secrets.token_hex(16)}@{self.host.config.global_.domain}"),
             ("CSeq", "1 INVITE"),
             ("Contact", self.host.contact_for(flow)),
+            *identity,
             ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"),
             ("Content-Type", "application/sdp"),
             ("Content-Length", str(len(body))),
@@ -400,7 +409,7 @@ class Call:
         self.answered = leg
         for other in self.b_legs:
             if other is not leg:
-                other.cancel(now)
+                other.cancel(now, answered_elsewhere=True)
         self.b_legs = [leg]
         sdp_out = self._callee_answer(raw) if raw else None
         if sdp_out is None:
@@ -560,14 +569,14 @@ class Call:
         it is expected to send, else "".
 
         Each side is watched on its own: a phone gone from Wi-Fi while the trunk keeps
-        sending must time out. A side is expected to send when its own SDP says it sends
-        (``sendrecv``/``sendonly``) and its peer's SDP says the peer receives
-        (``sendrecv``/``recvonly``), both with a real address (RFC 3264 §5.1, §6.1: the
-        answer mirrors the offer). So the held party (its peer sent ``sendonly`` or
-        ``inactive``, or ``c=0.0.0.0``), a ``recvonly``/``inactive`` party and a disabled
-        stream are not watched; the party holding with ``sendonly`` is (it says it sends,
-        music on hold). Silence counts from the answer, or from when the side was last
-        expected to start sending again (a resume), whichever the relay saw last.
+        sending must time out. A side is expected to send when its own SDP and its peer's
+        both say ``sendrecv`` with a real address (RFC 3264 §5.1, §6.1: the answer mirrors
+        the offer). So nobody is watched while the call is on hold in either direction
+        (``sendonly``/``recvonly``/``inactive``, ``c=0.0.0.0``): the holding phone says it
+        sends music on hold, but many send nothing at all, and a held call must not drop
+        (Asterisk keeps a separate ``rtpholdtimeout``, off by default). Silence counts from
+        the answer, or from when the side was last expected to start sending again (a
+        resume), whichever the relay saw last.
         """
         assert self.media is not None
         sending = self._sending()
@@ -692,8 +701,7 @@ def _codec_map(sdp: SessionDescription | None) -> dict[int, str]:
     return {} if i is None else {c.payload_type: c.encoding for c in sdp.media[i].codecs()}
 
 
-_SENDS = frozenset({MediaDirection.SENDRECV, MediaDirection.SENDONLY})
-_RECEIVES = frozenset({MediaDirection.SENDRECV, MediaDirection.RECVONLY})
+
 
 
 def _sends(own: SessionDescription | None, peer: SessionDescription | None) -> bool:
@@ -706,7 +714,14 @@ def _sends(own: SessionDescription | None, peer: SessionDescription | None) -> b
         return False
     if sdpmod.media_address(own, i) is None or sdpmod.media_address(peer, j) is None:
         return False
-    return sdpmod.direction(own, i) in _SENDS and sdpmod.direction(peer, j) in _RECEIVES
+    sendrecv = MediaDirection.SENDRECV
+    return sdpmod.direction(own, i) is sendrecv and sdpmod.direction(peer, j) is sendrecv
+
+
+def _user(text: str) -> str:
+    """``text`` as a SIP URI user part (RFC 3261 §25.1 ``user``): a number as a trunk sent it
+    may hold characters (an unescaped ``@``, a space) that would break the URI we build."""
+    return quote(text, safe="-_.!~*'()&=+$,;?/")
 
 
 def _quote(text: str) -> str:

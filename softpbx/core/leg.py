@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("softpbx.leg")
 
 SDP = "application/sdp"
+ANSWERED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
+"""RFC 3326 ``Reason`` of the CANCEL sent to the forks that lost the race."""
 ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"
 _AUTH_HEADERS = ("authorization", "proxy-authorization")
 
@@ -474,13 +476,16 @@ class OutboundLeg(Leg):
         self.invite_tx = self.host.stack.send_request(self.request, self.flow, now)
         self.invite_tx.user_data = self
 
-    def cancel(self, now: float) -> None:
-        """Stop ringing this leg (a CANCEL now, or when its first provisional arrives)."""
+    def cancel(self, now: float, *, answered_elsewhere: bool = False) -> None:
+        """Stop ringing this leg (a CANCEL now, or when its first provisional arrives).
+        ``answered_elsewhere``: another fork took the call; the CANCEL says so (RFC 3326),
+        so the phone shows no missed call."""
         if self.state in (LegState.ENDED, LegState.ANSWERED) or self._cancelled:
             return
         self._cancelled = True
         if self.invite_tx is not None:
-            self.host.stack.cancel(self.invite_tx, now)
+            self.host.stack.cancel(self.invite_tx, now,
+                                   reason=ANSWERED_ELSEWHERE if answered_elsewhere else None)
 
     def hangup(self, now: float) -> None:
         """End the leg: BYE when answered, CANCEL while ringing."""

@@ -188,11 +188,14 @@ class SipStack:
         """Send a message outside any transaction (ACK for 2xx, 2xx retransmissions)."""
         self._out.append(Outgoing(flow, message.serialize()))
 
-    def cancel(self, tx: ClientTransaction, now: float) -> ClientTransaction | None:
-        """Cancel a pending INVITE (RFC 3261 §9.1); deferred until a provisional arrived."""
+    def cancel(self, tx: ClientTransaction, now: float, *,
+               reason: str | None = None) -> ClientTransaction | None:
+        """Cancel a pending INVITE (RFC 3261 §9.1); deferred until a provisional arrived.
+        ``reason`` becomes the CANCEL's ``Reason`` header (RFC 3326)."""
         if (tx.kind != "ict" or tx.state not in (TxState.CALLING, TxState.PROCEEDING)
                 or tx.cancel_sent):
             return None
+        tx.cancel_reason = reason
         if tx.state is TxState.CALLING:
             tx.cancel_pending = True
             return None
@@ -205,7 +208,10 @@ class SipStack:
             headers.append(("Route", v))
         headers += [("Max-Forwards", "70"), ("From", req.get("from") or ""),
                     ("To", req.get("to") or ""), ("Call-ID", req.call_id),
-                    ("CSeq", f"{req.cseq.number} CANCEL"), ("Content-Length", "0")]
+                    ("CSeq", f"{req.cseq.number} CANCEL")]
+        if tx.cancel_reason:
+            headers.append(("Reason", tx.cancel_reason))
+        headers.append(("Content-Length", "0"))
         cancel = Request("CANCEL", req.uri_text, headers)
         key = (req.top_via.branch, "CANCEL")
         ctx = ClientTransaction(key=key, request=cancel, flow=tx.flow, host=self)

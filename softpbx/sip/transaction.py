@@ -232,8 +232,8 @@ class ServerTransaction(Transaction):
 class ClientTransaction(Transaction):
     """INVITE (``ict``) or non-INVITE (``nict``) client transaction (RFC 3261 §17.1)."""
 
-    __slots__ = ("_bytes", "ack", "cancel_pending", "cancel_sent", "last_response",
-                 "_c_deadline", "_timed_out")
+    __slots__ = ("_bytes", "ack", "cancel_pending", "cancel_reason", "cancel_sent",
+                 "last_response", "_c_deadline", "_timed_out")
 
     def __init__(self, *, key: tuple, request: Request, flow: Flow, host: TxHost) -> None:
         invite = request.method == "INVITE"
@@ -244,6 +244,8 @@ class ClientTransaction(Transaction):
         self.ack: bytes | None = None
         self.cancel_pending = False
         """A CANCEL was asked for before any provisional response (RFC 3261 §9.1)."""
+        self.cancel_reason: str | None = None
+        """``Reason`` header value for that CANCEL (RFC 3326), if any."""
         self.cancel_sent = False
         """A CANCEL for this INVITE went out (by the TU, or on Timer C)."""
         self.last_response: Response | None = None

@@ -306,7 +306,7 @@ Content-Length: 0
     net.feed(cancel, ALICE)
     assert sorted(m.status for m in net.take(ALICE)) == [200, 487]
     (c,) = net.take(BOB)
-    assert c.method == "CANCEL"
+    assert c.method == "CANCEL" and c.get("reason") is None  # a missed call, not elsewhere
     net.feed(answer(c, 200), BOB)
     net.feed(answer(b_inv, 487), BOB)
     assert [m.method for m in net.take(BOB)] == ["ACK"]
@@ -348,6 +348,8 @@ def test_fork_first_answer_wins_others_cancelled(net: Net) -> None:
     assert [m.method for m in net.take(BOB2)] == ["ACK"]
     (c,) = net.take(BOB)
     assert c.method == "CANCEL"
+    # RFC 3326: the losing phone learns it was answered elsewhere (no missed call shown)
+    assert c.get("reason") == 'SIP;cause=200;text="Call completed elsewhere"'
     # the loser answers anyway (the CANCEL crossed its 200): ACK, then BYE
     net.feed(answer(inv1, 200, body=sdp(50000)), BOB)
     assert [m.method for m in net.take(BOB)] == ["ACK", "BYE"]
@@ -572,3 +574,27 @@ def test_invite_without_contact_400_and_callee_2xx_without_tag_fails_leg(net: Ne
     bad = answer(b_inv, 200, body=sdp(50000)).replace(b";tag=callee-tag", b"")
     net.feed(bad, BOB)
     assert [m.status for m in net.take(ALICE)][-1] == 502
+
+
+def test_trunk_without_caller_id_in_from_gets_it_in_p_asserted_identity() -> None:
+    # gateways.<name>.caller_id_in_from = false: From names the trunk account, the caller ID
+    # travels in P-Asserted-Identity (RFC 3325), as carriers that identify by account want.
+    net = make_net("gateways.carrier.caller_id_in_from=false", "gateways.carrier.username=acct",
+                   "gateways.carrier.password=pw")
+    place_call(net, "89991234567")
+    (out,) = net.take(CARRIER)
+    assert out.from_.uri.user == "acct"
+    assert "<sip:74950000101@127.0.0.1:5070>" in (out.get("p-asserted-identity") or "")
+    default = make_net()
+    place_call(default, "89991234567")
+    (out,) = default.take(CARRIER)
+    assert out.from_.uri.user == "74950000101" and out.get("p-asserted-identity") is None
+
+
+def test_a_trunk_callers_odd_number_is_escaped_when_forwarded() -> None:
+    # A number a trunk sent escaped (%40 is "@") must not break the URIs we build from it.
+    net = make_net("dialplan.inbound[0].destination=gateway:carrier/+79990000000")
+    net.feed(invite(to="74950000000", frm="a%40b", src=CARRIER), CARRIER)
+    (out,) = [m for m in net.take(CARRIER) if getattr(m, "method", "") == "INVITE"]
+    assert out.from_.uri.user == "a%40b" and out.from_.uri.unescaped_user == "a@b"
+    assert out.uri.user == "+79990000000"

@@ -72,6 +72,9 @@ def test_rtp_timeout_spares_the_side_that_is_not_expected_to_send() -> None:
     reoffer_from_alice(net, ok, 3, "sendonly", "recvonly")
     relay_for(net, 30, a=True, b=False)
     assert call.state is CallState.ANSWERED
+    # ... and a holding phone that sends no music on hold at all is not dropped either
+    relay_for(net, 30, a=False, b=False)
+    assert call.state is CallState.ANSWERED
     # both inactive: nobody is expected to send
     reoffer_from_alice(net, ok, 4, "inactive", "inactive")
     relay_for(net, 30, a=False, b=False)
