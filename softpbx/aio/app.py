@@ -113,6 +113,20 @@ class Server:
             self.switch.set_gateway_address(gw.name, (ip, p))
             log.info("gateway %s: %s resolved to %s:%d", gw.name, gw.proxy, ip, p)
 
+    async def _hang_up_calls(self, loop: asyncio.AbstractEventLoop, wait: float = 1.0) -> None:
+        """BYE/CANCEL every live call so each writes its CDR and its phones stop; wait
+        (bounded) for the dialogs to end, so a BYE waiting for a caller's ACK still goes."""
+        assert self.driver is not None
+        n = len(self.switch.calls)
+        if not n:
+            return
+        log.info("hanging up %d calls", n)
+        self.switch.shutdown(loop.time())
+        self.driver.kick()
+        deadline = loop.time() + wait
+        while loop.time() < deadline and self.switch.dialog_count:
+            await asyncio.sleep(0.05)
+
     async def _unregister_gateways(self, loop: asyncio.AbstractEventLoop,
                                    wait: float = 2.0) -> None:
         """REGISTER with Expires: 0 to every provider we are registered to; wait (bounded)
@@ -145,7 +159,9 @@ class Server:
         if self._housekeeping is not None:
             self._housekeeping.cancel()
         if self.driver is not None:
-            await self._unregister_gateways(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            await self._hang_up_calls(loop)
+            await self._unregister_gateways(loop)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
         if self.driver is not None:

@@ -463,6 +463,3 @@ class Switch:
         for call in list(self.calls.values()):
             call.shutdown(now)
         self._drain(now)
-
-
-
