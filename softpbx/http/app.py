@@ -4,12 +4,15 @@ console join it as the switch grows. Every error answer is JSON."""
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Awaitable, Callable
+from typing import BinaryIO, Final
 
-from aiohttp import web
+from aiohttp import hdrs, web
 
 from ..core.switch import Switch
 
@@ -90,29 +93,144 @@ async def registrations(request: web.Request) -> web.Response:
 
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
+_CHUNK = 256 * 1024
+"""Bytes read per executor call while sending a recording."""
+
+# RFC 9110 §14.1.2:  int-range = first-pos "-" [ last-pos ]   suffix-range = "-" suffix-length
+_BYTE_RANGE_RE = re.compile(r"[ \t]*([0-9]{0,18})-([0-9]{0,18})[ \t]*\Z")
+UNSATISFIABLE: Final = "unsatisfiable"
+""":func:`byte_range`'s answer for a Range no byte of the file can satisfy (416)."""
+
+
+def byte_range(value: str, size: int) -> tuple[int, int] | str | None:
+    """The ``[start, end)`` slice a ``Range`` header asks of a ``size``-byte file, ``None``
+    when it is to be ignored (the whole file, 200), or :data:`UNSATISFIABLE` (416).
+
+    RFC 9110 §14.2: a server ignores a Range with a unit it does not know, may ignore an
+    invalid one (a malformed spec, last-pos < first-pos), and may ignore several ranges
+    (a multipart answer buys a recording nothing); only a well-formed single range none of
+    whose bytes exist (``bytes=-0``, a first-pos past the end) gets 416 (§14.1.1).
+    """
+    unit, eq, spec = value.partition("=")
+    if not eq or unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    m = _BYTE_RANGE_RE.match(spec)
+    if m is None or not (m.group(1) or m.group(2)):
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:  # the last N bytes
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            return UNSATISFIABLE
+        return max(0, size - suffix), size
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return UNSATISFIABLE
+    return start, size if not last else min(int(last) + 1, size)
+
+
+def if_range_holds(value: str | None, etag: str, mtime: float) -> bool:
+    """RFC 9110 §13.1.5: honour the Range only if the If-Range validator is the file's
+    current one (a strong entity-tag equal to ``etag``, or exactly its Last-Modified date)."""
+    if value is None:
+        return True
+    value = value.strip()
+    if value.startswith('"'):
+        return value == etag
+    if value.startswith("W/"):
+        return False  # weak tags never match for If-Range
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return False
+    return when.tzinfo is not None and int(when.timestamp()) == int(mtime)
+
+
+def _open_recording(lookup: Callable[[str], tuple[str, str, str] | None], digest: str
+                    ) -> tuple[str, BinaryIO | None, os.stat_result | None] | None:
+    """Executor job: the index row's status and, when ready, the open file and its stat."""
+    row = lookup(digest)
+    if row is None:
+        return None
+    path, state, _ = row
+    if state != "ready":
+        return state, None, None
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed by the handler after sending
+    except OSError:
+        return state, None, None
+    st = os.fstat(f.fileno())
+    if not stat.S_ISREG(st.st_mode):
+        f.close()
+        return state, None, None
+    return state, f, st
 
 
 async def recording(request: web.Request) -> web.StreamResponse:
     """``GET``/``HEAD /rec/<token>.mp3``: a recording, without login (the token is the key).
 
     The index holds only SHA-256 of tokens, so a lookup never compares a guess with a real
-    token; unknown and malformed tokens get the same 404. Range requests are served.
+    token; unknown and malformed tokens get the same 404. The lookup and the file's opening
+    run in one executor job (no disk access on the loop). A single byte range is served
+    (206); see :func:`byte_range` for what is ignored and what gets 416.
     """
     token = request.match_info["token"]
     if not _TOKEN_RE.match(token):
         raise web.HTTPNotFound(reason="no such recording")
     digest = hashlib.sha256(token.encode()).hexdigest()
-    lookup = request.app[RECORDING_KEY]
-    row = await asyncio.get_running_loop().run_in_executor(None, lookup, digest)
-    if row is None:
+    loop = asyncio.get_running_loop()
+    found = await loop.run_in_executor(None, _open_recording, request.app[RECORDING_KEY],
+                                       digest)
+    if found is None:
         raise web.HTTPNotFound(reason="no such recording")
-    path, state, _ = row
+    state, f, st = found
     if state == "deleted":
         raise web.HTTPGone(reason="recording deleted by the retention policy")
-    if state != "ready" or not os.path.isfile(path):
+    if f is None or st is None:
         raise web.HTTPNotFound(reason="no such recording")
-    return web.FileResponse(path, headers={"Content-Type": "audio/mpeg",
-                                           "Cache-Control": "private, max-age=86400"})
+    try:
+        return await _send(request, f, st)
+    finally:
+        await loop.run_in_executor(None, f.close)
+
+
+async def _send(request: web.Request, f: BinaryIO, st: os.stat_result) -> web.StreamResponse:
+    size = st.st_size
+    etag = f'"{st.st_mtime_ns:x}-{size:x}"'
+    headers = {"Content-Type": "audio/mpeg", "Accept-Ranges": "bytes", "ETag": etag,
+               "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
+               "Cache-Control": "private, max-age=86400"}
+    span: tuple[int, int] | str | None = None
+    value = request.headers.get(hdrs.RANGE)
+    # RFC 9110 §14.2: Range is defined for GET only (HEAD answers as GET without it would).
+    if (value is not None and request.method == hdrs.METH_GET
+            and if_range_holds(request.headers.get(hdrs.IF_RANGE), etag, st.st_mtime)):
+        span = byte_range(value, size)
+    if span == UNSATISFIABLE:
+        return web.json_response({"error": "Range Not Satisfiable", "status": 416}, status=416,
+                                 headers={"Content-Range": f"bytes */{size}",
+                                          "Accept-Ranges": "bytes"})
+    start, end = span if isinstance(span, tuple) else (0, size)
+    if isinstance(span, tuple):
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    resp = web.StreamResponse(status=206 if isinstance(span, tuple) else 200, headers=headers)
+    resp.content_length = end - start
+    await resp.prepare(request)
+    if request.method == hdrs.METH_HEAD:
+        return resp
+    loop = asyncio.get_running_loop()
+    fd = f.fileno()
+    offset = start
+    while offset < end:
+        chunk = await loop.run_in_executor(None, os.pread, fd, min(_CHUNK, end - offset), offset)
+        if not chunk:
+            break  # shorter than its stat said: nothing a client could be sent instead
+        await resp.write(chunk)
+        offset += len(chunk)
+    await resp.write_eof()
+    return resp
 
 
 def make_app(*, switch: Switch, clock: Callable[[], float],

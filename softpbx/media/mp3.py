@@ -5,7 +5,8 @@ inside) encodes 8 kHz PCM as it is written, so a call of any length needs only t
 
 Threading contract
     Every method here blocks on encoding and disk IO (``Mp3Writer(...)`` opens the file, ``write``
-    encodes, ``close`` flushes, fsyncs and renames, ``recover_partials`` decodes whole files).
+    encodes, ``close`` flushes, fsyncs and renames, ``recover_partials`` and ``probe`` decode
+    whole files).
     Never call them on the event loop thread: the shell runs them in a worker thread, e.g.
     ``await loop.run_in_executor(executor, writer.write, pcm)``. One writer must only be used by
     one thread at a time; submitting a call's chunks in order to a single-thread executor (or
@@ -31,15 +32,22 @@ import numpy.typing as npt
 import soundfile as sf
 
 __all__ = [
+    "ENCODER_ERRORS",
     "PART_SUFFIX",
     "Mp3Writer",
     "RecordingFile",
     "RecoveredPartial",
+    "probe",
     "recover_partials",
 ]
 
 PART_SUFFIX: Final = ".part"
 """Suffix of a recording still being written."""
+
+ENCODER_ERRORS: Final = (sf.SoundFileError, RuntimeError, OSError)
+"""What opening, writing or closing a recording raises when libsndfile or the disk fails
+(``soundfile.LibsndfileError`` is a ``RuntimeError``; a full disk is an ``OSError``): the call
+is then "not recorded". Anything else is a bug."""
 
 _MAX_COMPRESSION: Final = 0.99
 """libsndfile 1.2.2 refuses a compression level of exactly 1.0 (8 kbps CBR at 0.99)."""
@@ -292,6 +300,20 @@ def _repair_vbr_header(path: str) -> None:
         f.seek(tag_at)
         f.write(tag)
         f.truncate(pos)
+
+
+def probe(path: str | os.PathLike[str]) -> RecordingFile | None:
+    """The audio length and size of a finished MP3 (decodes it all: a worker thread's job);
+    ``None`` when it is missing, does not decode or holds no audio."""
+    path = os.fspath(path)
+    try:
+        frames, rate = _decodable_frames(path)
+        size = os.path.getsize(path)
+    except (RuntimeError, OSError):  # soundfile.LibsndfileError is a RuntimeError
+        return None
+    if frames == 0:
+        return None
+    return RecordingFile(path=path, duration_seconds=frames / rate, size_bytes=size)
 
 
 def recover_partials(directory: str | os.PathLike[str]) -> list[RecoveredPartial]:

@@ -17,13 +17,18 @@ Every few seconds the shell calls ``flush(now)``; that is where the work happens
 Timing model. Output sample 0 is the recorder's ``start`` (the answer time). Each stream (one
 SSRC on one side) is anchored at the arrival time of its first packet, so the two sides are
 aligned by arrival time even though their RTP clocks are unrelated. After that a packet's place
-is ``anchor + (timestamp - anchor timestamp)``, with timestamps unwrapped modulo 2^32. A new
-packet (the newest timestamp so far) whose place strays from its arrival time by more than
-``resync_threshold``, or which would land in audio already flushed, re-anchors its stream at its
-arrival time (a jump backwards is confirmed by a second packet, so one very late packet is
-dropped rather than mistaken for a jump): that absorbs timestamp jumps (re-INVITE, hold, buggy senders), a sender clock that
-drifts, and keeps the two sides within ``resync_threshold`` of each other. An SSRC change starts a
-new stream anchored by arrival; a late packet of the previous SSRC still lands by its old anchor.
+is ``anchor + (timestamp - anchor timestamp)``, with timestamps unwrapped modulo 2^32. A packet
+cannot arrive before it was sent, so a new packet that arrives *earlier* than its place means
+the anchor came from a delayed packet: the anchor is pulled back to that packet's arrival. The
+anchor so settles on the least-delayed packet seen, and since jitter only ever delays packets it
+cannot make the anchor drift; the two channels end up aligned to within the difference of the
+two paths' smallest delays, not ``resync_threshold``. A new packet (the newest timestamp so
+far) whose place strays from its arrival time by more than ``resync_threshold``, or which would
+land in audio already flushed, re-anchors its stream at its arrival time (a jump backwards is
+confirmed by a second packet, so one very late packet is dropped rather than mistaken for a
+jump): that absorbs timestamp jumps (re-INVITE, hold, buggy senders) and a sender clock that
+runs slow. An SSRC change starts a new stream anchored by arrival; a late packet of the previous
+SSRC still lands by its old anchor.
 
 Finality. ``flush(now)`` emits everything older than ``now - jitter_window``; the rest is held so
 late and reordered packets still land. ``finish(now)`` emits everything up to ``now``, so the
@@ -171,6 +176,9 @@ class RecorderStats:
     """Times a stream was re-anchored by arrival time (timestamp jump or drift)."""
     streams: int
     """Streams (SSRCs) started, both sides."""
+    pulls: int = 0
+    """Times a stream's anchor was pulled earlier by a packet that arrived before its place
+    (the anchor packet had been delayed)."""
 
 
 class _Stream:
@@ -288,6 +296,7 @@ class CallRecorder:
         self._ignored = 0
         self._malformed = 0
         self._resyncs = 0
+        self._pulls = 0
         self._streams = 0
 
     @classmethod
@@ -405,6 +414,7 @@ class CallRecorder:
             malformed=self._malformed,
             resyncs=self._resyncs,
             streams=self._streams,
+            pulls=self._pulls,
         )
 
     # ---------------------------------------------------------------- internals
@@ -477,6 +487,13 @@ class CallRecorder:
                         stream.anchor_ext = extended
                         stream.anchor_pos = position = arrival_pos
                         self._resyncs += 1
+                    elif position > arrival_pos:
+                        # Here before its place: the anchor packet was delayed (by less than
+                        # the threshold). Pull the anchor back; bounded by the threshold (more
+                        # is a resync above), and late packets never move it.
+                        stream.anchor_pos -= position - arrival_pos
+                        position = arrival_pos
+                        self._pulls += 1
                     stream.highest_ext = extended
                     stream.highest_ts = timestamp
                 elif delta < -resync:

@@ -254,6 +254,15 @@ def test_range_and_head(recorded: RecordedCall) -> None:
     assert tail.status == 206 and tail.body == full.body[-50:]
     beyond = http(recorded.link, headers={"Range": f"bytes={len(full.body) + 10}-"})
     assert beyond.status == 416, beyond
+    for ignored in ("bytes=0-1,5-6", "items=0-1", "bytes=9-3", "bytes=x"):  # RFC 9110 §14.2
+        whole = http(recorded.link, headers={"Range": ignored})
+        assert (whole.status, whole.body) == (200, full.body), ignored
+    empty = http(recorded.link, headers={"Range": "bytes=-0"})
+    assert empty.status == 416 and empty.headers["content-range"] == f"bytes */{len(full.body)}"
+    stale = http(recorded.link, headers={"Range": "bytes=0-9", "If-Range": '"not-it"'})
+    assert (stale.status, stale.body) == (200, full.body)
+    fresh = http(recorded.link, headers={"Range": "bytes=0-9", "If-Range": full.headers["etag"]})
+    assert (fresh.status, fresh.body) == (206, full.body[:10])
     head = http(recorded.link, method="HEAD")
     assert head.status == 200 and head.body == b""
     assert int(head.headers["content-length"]) == len(full.body)

@@ -130,7 +130,8 @@ def test_reordered_packets_land_in_place() -> None:
     rec = CallRecorder(start=START, stereo=False)
     order = [0, 1, 3, 2, 4, 6, 7, 5, 8, 9]
     for i, k in enumerate(order):
-        rec.feed(CALLER, packet(k), START + i * PTIME)
+        # A packet is never here before its time (k x 20 ms): the overtaken one is late.
+        rec.feed(CALLER, packet(k), START + max(i, k) * PTIME)
     out = rec.finish(START + 0.2)
     for k in range(10):
         assert np.all(chunk(out, k) == value(k)), k
@@ -189,7 +190,7 @@ def test_reordered_across_wrap() -> None:
     rec = CallRecorder(start=START, stereo=False)
     ts0 = 2**32 - 2 * SPP
     for i, k in enumerate([0, 2, 1, 3]):  # packet 2 (ts 0) arrives before packet 1 (ts 2^32-160)
-        rec.feed(CALLER, packet(k, ts0=ts0), START + i * PTIME)
+        rec.feed(CALLER, packet(k, ts0=ts0), START + max(i, k) * PTIME)
     out = rec.finish(START + 0.08)
     for k in range(4):
         assert np.all(chunk(out, k) == value(k)), k
@@ -359,6 +360,53 @@ def test_stereo_alignment_by_arrival_time() -> None:
     for k in range(50, 150):
         assert np.all(chunk(right, k) == value(k)), k
         assert np.all(chunk(left, k) == value(k)), k
+
+
+@pytest.mark.parametrize("burst", [True, False], ids=["queued-start", "first-packet-only"])
+def test_a_delayed_first_packet_does_not_misalign_the_channels(burst: bool) -> None:
+    """The caller's first packet comes 150 ms late (below the resync threshold); with
+    ``burst`` the packets queued behind it come with it. Then all are on time. Packets never
+    arrive before they are sent, so the first on-time one shows the anchor was late."""
+    rec = CallRecorder(start=START)
+    parts = []
+    for k in range(150):
+        on_time = START + k * PTIME
+        delayed = k == 0 or (burst and k * PTIME < 0.15)
+        rec.feed(CALLER, packet(k, ssrc=1), START + 0.15 if delayed else on_time)
+        rec.feed(CALLEE, packet(k, ssrc=2, ts0=777), on_time)
+        if k % 50 == 49:
+            parts.append(rec.flush(on_time))
+    parts.append(rec.finish(START + 3.0))
+    out = np.concatenate(parts)
+    left, right = mono(out, CALLER), mono(out, CALLEE)
+    # Each channel's packet k at k x 20 ms (so the channels within 20 ms of each other: here 0).
+    for k in range(10, 150):
+        assert np.all(chunk(right, k) == value(k)), k
+        assert np.all(chunk(left, k) == value(k)), k
+    assert rec.stats().resyncs == 0
+
+
+def test_jitter_never_pulls_the_anchor_past_the_least_delayed_packet() -> None:
+    """Random network delay of 0..80 ms per packet (in arrival order): the anchor settles on
+    the quickest packet and stays; flushes in between change nothing."""
+    rng = np.random.default_rng(7)
+    delays = rng.integers(0, 81, size=500) / 1000
+    delays[0] = 0.06
+    delays[[40, 300]] = 0.0
+    arrivals = sorted((START + k * PTIME + delays[k], k) for k in range(500))
+    rec = CallRecorder(start=START, stereo=False)
+    parts = []
+    next_flush = START + 1.0
+    for at, k in arrivals:
+        if at >= next_flush:
+            parts.append(rec.flush(next_flush))
+            next_flush += 1.0
+        rec.feed(CALLER, packet(k), at)
+    parts.append(rec.finish(START + 10.0))
+    out = np.concatenate(parts)
+    for k in range(40, 500):
+        assert np.all(chunk(out, k) == value(k)), k
+    assert rec.stats().resyncs == 0 and rec.stats().late == 0
 
 
 def test_mono_mix_sums_both_sides_with_saturation() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import logging
 import os
 import re
 import sqlite3
@@ -554,3 +555,287 @@ def test_retention_in_a_worker_thread_writes_the_index_on_the_loop_thread(
     assert threads == {"loop"}
     assert {r["status"] for r in rows(rig.db).values()} == {"deleted"}
     assert list(rig.dir.iterdir()) == []
+
+
+# -- crash recovery: every file it finds ends up published (with a link) or removed ----------
+def complete_mp3(path: Path, seconds: float = 1.0) -> None:
+    writer = Mp3Writer(path, channels=2, compression_level=0.5, bitrate_mode="CONSTANT")
+    writer.write(np.column_stack((tone(440, seconds), tone(880, seconds))))
+    writer.close()
+
+
+def link_token(link: str | None) -> str:
+    assert link is not None
+    m = re.fullmatch(r"https://pbx\.example\.com:8443/rec/([A-Za-z0-9_-]{32})\.mp3", link)
+    assert m, link
+    return m.group(1)
+
+
+def test_recovery_publishes_what_a_crash_left_with_fresh_logged_links(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The index keeps only token hashes, so a recording published at start-up needs a new
+    token, logged (and reported) like a finished call, or nobody could ever reach it."""
+    rec_dir = tmp_path / "recordings"
+    rec_dir.mkdir()
+    complete_mp3(rec_dir / "before-rename.mp3")  # crash after fsync, before os.replace
+    os.replace(rec_dir / "before-rename.mp3", rec_dir / "before-rename.mp3.part")
+    complete_mp3(rec_dir / "after-rename.mp3")  # crash after os.replace, before 'ready'
+    complete_mp3(rec_dir / "no-row.mp3")  # the 'recording' row was never committed
+    os.replace(rec_dir / "no-row.mp3", rec_dir / "no-row.mp3.part")
+    complete_mp3(rec_dir / "no-row-final.mp3")
+    (rec_dir / "junk.mp3").write_bytes(os.urandom(3000))  # no row, does not decode
+    complete_mp3(rec_dir / "retained.mp3")  # retention marked it, then died before the unlink
+    complete_mp3(rec_dir / "misjudged.mp3")  # an older recovery called a complete file failed
+    complete_mp3(rec_dir / "not-recorded.mp3")  # failed (a codec), then a crash: never served
+    caplog.set_level(logging.INFO, logger="softpbx.recording")
+
+    async def scenario() -> Rig:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop)
+        for name in ("before-rename", "after-rename"):
+            index_row(rig, name, rec_dir / f"{name}.mp3")
+        index_row(rig, "retained", rec_dir / "retained.mp3", status="deleted")
+        index_row(rig, "misjudged", rec_dir / "misjudged.mp3", status="failed")
+        rig.store.execute("UPDATE recordings SET reason='interrupted by a restart'"
+                          " WHERE call_id='misjudged'", ())
+        index_row(rig, "not-recorded", rec_dir / "not-recorded.mp3", status="failed")
+        assert rig.store.flush()
+        await rig.manager.recover()
+        await rig.close()
+        return rig
+
+    rig = run(scenario)
+    published = {"before-rename", "after-rename", "no-row", "no-row-final", "misjudged"}
+    assert sorted(p.name for p in rec_dir.iterdir()) == sorted(f"{n}.mp3" for n in published)
+    got = rows(rig.db)
+    assert got["retained"]["status"] == "deleted" and "junk" not in got
+    assert got["not-recorded"]["status"] == "failed"
+    assert {f.call_id for f in rig.finished} == published
+    ready_lines = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("recording ready: call ")]
+    for done in rig.finished:
+        token = link_token(done.link)
+        row = got[done.call_id]
+        assert row["status"] == "ready" and done.recovered and done.reason == ""
+        assert row["token_hash"] == token_hash(token) != token_hash(done.call_id)
+        path = rec_dir / f"{done.call_id}.mp3"
+        assert row["path"] == str(path) and row["size"] == path.stat().st_size == done.size
+        assert row["duration"] == pytest.approx(1.0, abs=0.1) == done.duration
+        [line] = [ln for ln in ready_lines if ln.split()[3] == done.call_id]
+        m = re.fullmatch(r"recording ready: call (\S+) ([\d.]+) s (\d+) bytes (\S+)"
+                         r" \(recovered after a restart\)", line)
+        assert m and m.group(4) == done.link and int(m.group(3)) == done.size, line
+    assert rig.manager.stats().recorded == len(published)
+
+
+def test_recovery_with_no_leftovers_changes_nothing(tmp_path: Path) -> None:
+    async def scenario() -> Rig:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop)
+        path = ready_recording(rig, "done", seconds=0.5, created_at=time.time())
+        assert rig.store.flush()
+        before = rows(rig.db)["done"]
+        await rig.manager.recover()
+        await rig.close()
+        assert rows(rig.db)["done"] == before and path.exists()
+        return rig
+
+    assert run(scenario).finished == []
+
+
+# -- libsndfile or disk errors ------------------------------------------------------------------
+def libsndfile_error(*_: Any, **__: Any) -> None:
+    raise sf.LibsndfileError(0, "Error closing the file: ")
+
+
+@pytest.mark.parametrize("step", ["open", "write", "close"])
+def test_a_libsndfile_error_means_not_recorded_and_the_call_is_still_settled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        step: str) -> None:
+    if step == "open":
+        monkeypatch.setattr(Mp3Writer, "__init__", libsndfile_error)
+    elif step == "write":
+        monkeypatch.setattr(Mp3Writer, "write", libsndfile_error)
+    else:
+        real_close = Mp3Writer.close
+
+        def failing_close(self: Mp3Writer) -> None:
+            self.abort()  # as Mp3Writer.close does on an error
+            libsndfile_error()
+            real_close(self)
+
+        monkeypatch.setattr(Mp3Writer, "close", failing_close)
+    caplog.set_level(logging.INFO, logger="softpbx.recording")
+
+    async def scenario() -> Rig:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop)
+        session = rig.session()
+        start = loop.time()
+        rig.manager.start(StartRecording("broken", session, {}, start))
+        play(loop, session, start, rtp_stream(ulaw(tone(440, 1.0)), ssrc=1, ts0=0, seq0=0),
+             rtp_stream(ulaw(tone(880, 1.0)), ssrc=2, ts0=0, seq0=0))
+        await asyncio.sleep(start + 1.0 - loop.time())
+        rig.manager.stop("broken", at=start + 1.0)
+        await rig.wait_finished(1, timeout=5.0)
+        assert rig.manager.active_count == 0 and rig.manager.backlog == 0
+        await rig.close()
+        return rig
+
+    rig = run(scenario)
+    [done] = rig.finished
+    assert done.link is None and "Error closing the file" in done.reason, done.reason
+    row = rows(rig.db)["broken"]
+    assert row["status"] == "failed" and row["reason"] == done.reason
+    assert list(rig.dir.iterdir()) == [] if rig.dir.exists() else True
+    lines = [r.getMessage() for r in caplog.records if "not recorded" in r.getMessage()]
+    assert lines == [f"call broken not recorded: {done.reason}"], lines
+    assert rig.manager.stats().failed == 1
+
+
+# -- the encoder falls behind -------------------------------------------------------------------
+def test_an_encoder_that_falls_behind_fails_the_call_instead_of_buffering_for_ever(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = threading.Event()
+    real_write = Mp3Writer.write
+
+    def stuck_write(self: Mp3Writer, pcm: np.ndarray) -> None:
+        release.wait(20)  # a disk that does not answer
+        real_write(self, pcm)
+
+    monkeypatch.setattr(Mp3Writer, "write", stuck_write)
+    caplog.set_level(logging.INFO, logger="softpbx.recording")
+
+    async def scenario() -> tuple[Rig, int]:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop, RecordingSettings(flush_seconds=0.02))
+        start = loop.time()
+        rig.manager.start(StartRecording("slow", rig.session(), {}, start))
+        most = 0
+        while loop.time() < start + 1.0:  # 50 flushes
+            most = max(most, rig.manager.backlog)
+            await asyncio.sleep(0.005)
+        assert rig.manager.overloaded == 1 and rig.finished == []
+        release.set()
+        rig.manager.stop("slow", at=loop.time())
+        await rig.wait_finished(1)
+        await rig.close()
+        return rig, most
+
+    rig, most = run(scenario)
+    assert most <= rig.manager.max_queued_writes == 12
+    [done] = rig.finished
+    assert done.link is None and done.reason == "encoder overloaded"
+    assert rows(rig.db)["slow"]["status"] == "failed"
+    assert list(rig.dir.iterdir()) == []
+    stats = rig.manager.stats()
+    assert (stats.overloaded, stats.failed, stats.backlog, stats.active) == (1, 1, 0, 0)
+    lines = [r.getMessage() for r in caplog.records if "encoder overloaded" in r.getMessage()]
+    assert lines == ["call slow not recorded: encoder overloaded"]
+
+
+# -- retention: mark, then delete; also after each recording ----------------------------------
+def test_retention_marks_the_row_deleted_before_the_file_goes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, str] = {}
+
+    async def scenario() -> Rig:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop, RecordingSettings(max_age_days=1))
+        for name in ("old1", "old2"):
+            ready_recording(rig, name, seconds=0.2, created_at=time.time() - 3 * 86400)
+        assert rig.store.flush()
+        real_unlink = os.unlink
+
+        def spy_unlink(path: Any, *args: Any, **kwargs: Any) -> None:
+            if str(path).endswith(".mp3"):  # what the link would answer right now
+                seen[Path(path).stem] = rows(rig.db)[Path(path).stem]["status"]
+            real_unlink(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, "unlink", spy_unlink)
+        assert await loop.run_in_executor(None, rig.manager.enforce_retention) == 2
+        monkeypatch.undo()
+        await rig.close()
+        return rig
+
+    rig = run(scenario)
+    assert seen == {"old1": "deleted", "old2": "deleted"}
+    assert list(rig.dir.iterdir()) == []
+
+
+def test_retention_runs_after_each_recording_when_a_total_size_is_set(tmp_path: Path) -> None:
+    async def scenario() -> tuple[Rig, float]:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop, RecordingSettings(flush_seconds=0.5, max_total_mb=1))
+        now = time.time()
+        for i in range(2):  # 2 x 560 kB: over 1 MB; nothing calls enforce_retention here
+            ready_recording(rig, f"r{i}", seconds=70, created_at=now - 100 + i)
+        assert rig.store.flush()
+        start = loop.time()
+        rig.manager.start(StartRecording("new", rig.session(), {}, start))
+        play(loop, rig.session(), start, [], [])
+        await asyncio.sleep(1.0)
+        rig.manager.stop("new", at=start + 1.0)
+        await rig.wait_finished(1)
+        stopped = loop.time()
+        while rows(rig.db)["r0"]["status"] != "deleted":
+            assert loop.time() < stopped + 5, "no retention after the recording"
+            await asyncio.sleep(0.02)
+        waited = loop.time() - stopped
+        await rig.close()
+        return rig, waited
+
+    rig, _ = run(scenario)
+    status = {k: r["status"] for k, r in rows(rig.db).items()}
+    assert status == {"r0": "deleted", "r1": "ready", "new": "ready"}
+    assert sorted(p.name for p in rig.dir.iterdir()) == ["new.mp3", "r1.mp3"]
+
+
+# -- shutdown does not block the loop -----------------------------------------------------------
+def test_aclose_waits_for_the_workers_off_the_loop(tmp_path: Path) -> None:
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop)
+        busy = loop.run_in_executor(rig.manager._pool, time.sleep, 0.5)  # an encode in flight
+        closing = loop.create_task(rig.manager.aclose())
+        ticks = 0
+        while not closing.done():
+            ticks += 1
+            await asyncio.sleep(0.01)
+        await busy
+        rig.store.close()
+        return ticks
+
+    assert run(scenario) >= 10, "the loop stood still while the pool shut down"
+
+
+# -- codecs renegotiated mid-call -----------------------------------------------------------------
+def test_set_codecs_applies_each_sides_payload_types(tmp_path: Path) -> None:
+    from softpbx.media.g711 import alaw_encode
+
+    async def scenario() -> Rig:
+        loop = asyncio.get_running_loop()
+        rig = Rig(tmp_path, loop)
+        session = rig.session()
+        start = loop.time()
+        # Offered with PT 96 unmapped (it would not decode); the re-INVITE maps it per side.
+        rig.manager.start(StartRecording("dyn", session, {}, start))
+        rig.manager.set_codecs("dyn", {96: "PCMU/8000"}, {96: "PCMA/8000"})
+        rig.manager.set_codecs("no-such-call", {0: "PCMU"}, {0: "PCMU"})  # ignored
+        play(loop, session, start,
+             rtp_stream(ulaw(tone(440, 2.2)), pt=96, ssrc=1, ts0=0, seq0=0),
+             rtp_stream(alaw_encode(tone(880, 2.2)), pt=96, ssrc=2, ts0=0, seq0=0))
+        await asyncio.sleep(start + 2.2 - loop.time())
+        rig.manager.stop("dyn", at=start + 2.2)
+        rig.manager.set_codecs("dyn", {}, {})  # finished: ignored
+        await rig.wait_finished(1)
+        await rig.close()
+        return rig
+
+    rig = run(scenario)
+    [done] = rig.finished
+    assert done.link is not None, done.reason
+    audio, _ = sf.read(rig.dir / "dyn.mp3", dtype="int16")
+    assert spectrum_peak(audio[:, 0]) == pytest.approx(440, abs=2)
+    assert spectrum_peak(audio[:, 1]) == pytest.approx(880, abs=2)
