@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 
-from ..core.events import StartRecording, StopRecording
+from ..core.events import RecordingCodecs, StartRecording, StopRecording
 from ..core.switch import Switch
 from ..sip.events import Flow
 from ..store.sqlite import SqliteStore
@@ -76,6 +76,9 @@ class SwitchDriver:
                 elif isinstance(action, StopRecording):
                     if self.recordings is not None:
                         self.recordings.stop(action.call_id, action.at)
+                elif isinstance(action, RecordingCodecs):
+                    if self.recordings is not None:
+                        self.recordings.set_codecs(action.call_id, action.caller, action.callee)
                 elif self.store is not None:
                     self.store.apply(action, wall_offset=offset)
                 action = sw.next_action()

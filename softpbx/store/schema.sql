@@ -27,6 +27,7 @@ CREATE TABLE IF NOT EXISTS cdr (
     callee       TEXT NOT NULL,     -- number dialled
     did          TEXT NOT NULL,     -- DID of an inbound call, else ''
     extension    TEXT NOT NULL,     -- extension that answered (or last rang), else ''
+    caller_extension TEXT NOT NULL DEFAULT '',  -- extension that placed the call, else ''
     gateway      TEXT NOT NULL,     -- trunk used, else ''
     started_at   REAL NOT NULL,     -- Unix times
     answered_at  REAL,

@@ -1,18 +1,26 @@
 """SQLite state, written off the event loop (ARCHITECTURE.md "Store").
 
 Writes are queued and applied by one writer thread in batched transactions, so the event
-loop never waits on the disk; reads happen at start-up, before the loop serves traffic.
-The store speaks the core's actions (:mod:`softpbx.core.events`) so another engine can sit
-behind the same small interface later.
+loop never waits on the disk. Reads run in executor threads (the HTTP side, retention) or at
+start-up; each thread keeps one read-only connection, so a link lookup is one indexed SELECT,
+not a connect and two PRAGMAs. The store speaks the core's actions (:mod:`softpbx.core.events`)
+so another engine can sit behind the same small interface later.
+
+Text from the wire may hold lone surrogates (header bytes decoded with ``surrogateescape``):
+sqlite3 cannot encode them, so such strings are stored with the undecodable bytes spelled as
+``\\xNN`` (see :func:`sql_text`). The writer thread survives any failing write: it logs it
+and applies the rest of its batch one write at a time.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import sqlite3
 import threading
 import time
+import urllib.parse
 from importlib import resources
 
 from ..config.schema import Transport
@@ -21,7 +29,7 @@ from ..sip.events import Flow
 
 log = logging.getLogger("softpbx.store")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _STOP = object()
 
 
@@ -32,6 +40,55 @@ def _connect(path: str) -> sqlite3.Connection:
     return db
 
 
+_ADDED_COLUMNS = (
+    ("cdr", "caller_extension", "TEXT NOT NULL DEFAULT ''"),
+)
+"""Columns added since the first schema: databases made before get them at start-up."""
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a database made by an older softpbx to the current schema (columns only grow)."""
+    for table, column, decl in _ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+def _connect_reader(path: str) -> sqlite3.Connection:
+    # WAL is a property of the database file (set by the writer's connection), so a reader
+    # needs no PRAGMA; mode=ro makes a bug that writes through it fail loudly.
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                           timeout=10.0)
+
+
+def sql_text(value: str) -> str:
+    """``value`` as text sqlite3 can bind: lone surrogates (``surrogateescape``-decoded bytes
+    of a peer's header) become ``\\xNN`` escapes; anything else is returned as is."""
+    try:
+        value.encode("utf-8")
+        return value
+    except UnicodeEncodeError:
+        pass
+    try:
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate outside U+DC80..U+DCFF: not from bytes
+        return value.encode("utf-8", "backslashreplace").decode("ascii")
+
+
+def _sql_args(args: tuple[object, ...]) -> tuple[object, ...]:
+    return tuple(sql_text(a) if isinstance(a, str) else a for a in args)
+
+
+def _execute(db: sqlite3.Connection, sql: str, args: tuple[object, ...]) -> None:
+    try:
+        db.execute(sql, args)
+    except UnicodeEncodeError:
+        # Rare (a peer sent non-UTF-8 bytes): made safe only then, so the common path pays
+        # nothing. sqlite3 refuses the binding before running the statement.
+        db.execute(sql, _sql_args(args))
+
+
 class SqliteStore:
     """Registrations (and, as the switch grows, CDRs, recordings, the webhook outbox)."""
 
@@ -39,14 +96,30 @@ class SqliteStore:
         self.path = path
         db = _connect(path)
         db.executescript(resources.files("softpbx.store").joinpath("schema.sql").read_text())
+        _migrate(db)
         db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         db.close()
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._buffer: list[tuple[str, tuple[object, ...]]] = []
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self.write_failures = 0
+        """Writes the writer thread could not apply (each one is logged)."""
         self._thread = threading.Thread(target=self._writer, name="softpbx-store", daemon=True)
         self._thread.start()
 
-    # -- reads (start-up) ---------------------------------------------------------------------
+    # -- reads ----------------------------------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        """This thread's read-only connection (opened on its first read)."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = _connect_reader(self.path)
+            self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
+        return db
+
     def load_bindings(self, *, now: float, wall: float) -> list[Binding]:
         """Unexpired bindings, with ``expires_at`` moved onto the monotonic clock ``now``."""
         db = _connect(self.path)
@@ -72,14 +145,11 @@ class SqliteStore:
         return out
 
     def recent_cdrs(self, limit: int = 50) -> list[dict[str, object]]:
-        """The newest CDRs as dicts (operator API, tests)."""
-        db = _connect(self.path)
-        try:
-            db.row_factory = sqlite3.Row
-            rows = db.execute("SELECT * FROM cdr ORDER BY started_at DESC LIMIT ?", (limit,))
-            return [dict(r) for r in rows]
-        finally:
-            db.close()
+        """The newest CDRs as dicts (operator API, tests). Blocking: run in an executor."""
+        cur = self._reader().execute("SELECT * FROM cdr ORDER BY started_at DESC LIMIT ?",
+                                     (limit,))
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
     # -- writes (queued) ----------------------------------------------------------------------
     def apply(self, action: Action, *, wall_offset: float) -> None:
@@ -98,10 +168,11 @@ class SqliteStore:
             r = action.record
             self._write((
                 "INSERT OR REPLACE INTO cdr (call_id, sip_call_id, direction, caller, callee, did,"
-                " extension, gateway, started_at, answered_at, ended_at, duration, disposition,"
-                " sip_code, cause) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " extension, caller_extension, gateway, started_at, answered_at, ended_at,"
+                " duration, disposition, sip_code, cause)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.call_id, r.sip_call_id, r.direction, r.caller, r.callee, r.did, r.extension,
-                 r.gateway, r.started_at + wall_offset,
+                 r.caller_extension, r.gateway, r.started_at + wall_offset,
                  None if r.answered_at is None else r.answered_at + wall_offset,
                  r.ended_at + wall_offset, r.duration, r.disposition, r.sip_code, r.cause)))
         elif isinstance(action, DeleteBinding):
@@ -130,45 +201,54 @@ class SqliteStore:
             self._queue.put(batch)
 
     def recording_by_hash(self, token_hash: str) -> tuple[str, str, str] | None:
-        """(path, status, call_id) of the recording whose token hashes to ``token_hash``."""
-        db = _connect(self.path)
-        try:
-            row = db.execute("SELECT path, status, call_id FROM recordings WHERE token_hash = ?",
-                             (token_hash,)).fetchone()
-        finally:
-            db.close()
-        return None if row is None else (row[0], row[1], row[2])
+        """(path, status, call_id) of the recording whose token hashes to ``token_hash``.
+
+        Blocking (an indexed SELECT on this thread's connection): run in an executor."""
+        # fetchall: the statement completes at once, so no read snapshot stays open.
+        rows = self._reader().execute(
+            "SELECT path, status, call_id FROM recordings WHERE token_hash = ?",
+            (token_hash,)).fetchall()
+        return (rows[0][0], rows[0][1], rows[0][2]) if rows else None
 
     def recordings(self, *, status: str) -> list[tuple[str, str, float, int]]:
         """(call_id, path, created_at, size) of recordings with ``status``, oldest first."""
-        db = _connect(self.path)
-        try:
-            return [(r[0], r[1], r[2], r[3] or 0) for r in db.execute(
-                "SELECT call_id, path, created_at, size FROM recordings WHERE status = ?"
-                " ORDER BY created_at", (status,))]
-        finally:
-            db.close()
+        return [(r[0], r[1], r[2], r[3] or 0) for r in self._reader().execute(
+            "SELECT call_id, path, created_at, size FROM recordings WHERE status = ?"
+            " ORDER BY created_at", (status,)).fetchall()]
+
+    def recording_index(self) -> list[tuple[str, str, str, str]]:
+        """(call_id, path, status, reason) of every recording row (start-up recovery)."""
+        return [(r[0], r[1], r[2], r[3]) for r in self._reader().execute(
+            "SELECT call_id, path, status, reason FROM recordings").fetchall()]
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Block until everything queued so far is written (tests, shutdown)."""
-        self.hand_over()
         done = threading.Event()
-        self._queue.put(done)
+        self.notify_written(done)
         return done.wait(timeout)
 
+    def notify_written(self, done: threading.Event) -> None:
+        """Hand the buffered writes over; ``done`` is set once they (and every write before
+        them) have been applied. Non-blocking: for the loop thread."""
+        self.hand_over()
+        self._queue.put(done)
+
     def close(self) -> None:
-        """Write what is queued and stop the writer."""
+        """Write what is queued, stop the writer, close the readers."""
         self.hand_over()
         self._queue.put(_STOP)
         self._thread.join(timeout=10.0)
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for db in readers:
+            db.close()
 
     def _writer(self) -> None:
         db = _connect(self.path)
         q = self._queue
         try:
             while True:
-                item = q.get()
-                batch = [item]
+                batch = [q.get()]
                 # Group whatever else is already queued into one transaction.
                 while len(batch) < 1000:
                     try:
@@ -177,27 +257,57 @@ class SqliteStore:
                         break
                 stop = False
                 events = []
-                try:
-                    db.execute("BEGIN")
-                    for it in batch:
-                        if it is _STOP:
-                            stop = True
-                        elif isinstance(it, threading.Event):
-                            events.append(it)
-                        elif isinstance(it, list):
-                            for sql, args in it:
-                                db.execute(sql, args)
-                        else:
-                            sql, args = it  # type: ignore[misc]
-                            db.execute(sql, args)
-                    db.execute("COMMIT")
-                except sqlite3.Error:
-                    log.exception("store write failed; batch of %d dropped", len(batch))
-                    if db.in_transaction:
-                        db.execute("ROLLBACK")
+                writes: list[tuple[str, tuple[object, ...]]] = []
+                for it in batch:
+                    if it is _STOP:
+                        stop = True
+                    elif isinstance(it, threading.Event):
+                        events.append(it)
+                    elif isinstance(it, list):
+                        writes.extend(it)
+                    else:
+                        writes.append(it)  # type: ignore[arg-type]
+                if writes:
+                    self._apply(db, writes)
                 for ev in events:
                     ev.set()
                 if stop:
                     return
         finally:
             db.close()
+
+    def _apply(self, db: sqlite3.Connection, writes: list[tuple[str, tuple[object, ...]]]) -> None:
+        """Apply ``writes`` in one transaction; when that fails, one at a time, so one bad
+        write costs only itself."""
+        try:
+            db.execute("BEGIN")
+            for sql, args in writes:
+                _execute(db, sql, args)
+            db.execute("COMMIT")
+            return
+        # Anything at all: this thread is the only writer, and if it died every later write of
+        # the process (registrations, CDRs, recordings) would be lost without a word. Logged
+        # with its traceback, so a bug is not hidden.
+        except Exception:
+            log.exception("store: a batch of %d writes failed; applying them one by one",
+                          len(writes))
+            self._rollback(db)
+        failed = 0
+        for sql, args in writes:
+            try:
+                _execute(db, sql, args)
+            except Exception:  # as above: log, count, carry on with the next write
+                failed += 1
+                if failed == 1:
+                    log.exception("store: write dropped: %s", sql[:60])
+        if failed:
+            self.write_failures += failed
+            log.error("store: %d of %d writes dropped", failed, len(writes))
+
+    @staticmethod
+    def _rollback(db: sqlite3.Connection) -> None:
+        try:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("store: rollback failed")
