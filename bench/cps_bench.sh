@@ -47,7 +47,7 @@ run_softpbx() {
      --set global.db_path="$OUT/softpbx.db" --set global.log_level=warning \
      --set http.http_port=0 --set internal.sip_port="$SUT_PORT" --set external.sip_port="$SUT_PORT" \
      --set 'internal.transports=["udp"]' --set 'external.transports=["udp"]' \
-     --set media.rtp_timeout=0) > "$OUT/softpbx.log" 2>&1 &
+     --set media.rtp_timeout=0 --set recording.enabled=false) > "$OUT/softpbx.log" 2>&1 &
   SP_PID=$!
   # log level is warning (no "running" line): ready once the UDP port is bound
   for _ in $(seq 100); do ss -Hlun "sport = :$SUT_PORT" | grep -q . && return 0; sleep 0.1; done

@@ -69,8 +69,11 @@ class _RelayPort(asyncio.DatagramProtocol):
         pass
 
     def connection_lost(self, exc: Exception | None) -> None:
+        # Break every link of the cycles a live port is part of (bound ``_send_first``,
+        # the peer port, the transport), so the closed port is freed by reference counting.
         self.send = _discard
         self.peer = None
+        self.transport = None
         self.on_lost()
 
 

@@ -209,8 +209,9 @@ class Extension:
     """Display name sent to trunks."""
     outbound_caller_id_number: str = ""
     """Caller ID sent to trunks (and as ``caller_id`` in outbound CRM events; ``0`` if empty)."""
-    record: bool = True
-    """Record calls of this extension."""
+    record: bool = False
+    """Record calls this extension places or answers (a call is recorded when any party of
+    it -- extension, gateway, dial rule or inbound route -- asks for it)."""
     enabled: bool = True
     """A disabled extension cannot register or call."""
 
@@ -244,7 +245,7 @@ class Gateway:
     address (``ip:port`` when the proxy names a port)."""
     caller_id_in_from: bool = True
     """Put the outbound caller ID in the From user part."""
-    record: bool = True
+    record: bool = False
     """Record calls through this gateway."""
     max_calls: int = 0
     """Concurrent calls allowed through this gateway (0 = unlimited)."""
@@ -264,8 +265,8 @@ class InboundRoute:
     """Seconds before the fallback is tried (0 = ``calls.no_answer_timeout``)."""
     fallback: str = ""
     """Destination after no answer (same forms as ``destination``)."""
-    record: bool = True
-    """Record calls on this route."""
+    record: bool = False
+    """Record every call on this route."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,8 +309,8 @@ class OutboundRoute:
     """Outbound caller ID overriding the extension's."""
     caller_id_name: str = ""
     """Outbound display name overriding the extension's."""
-    record: bool = True
-    """Record calls on this route."""
+    record: bool = False
+    """Record every call on this route."""
 
 
 @dataclass(frozen=True, slots=True)

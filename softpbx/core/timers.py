@@ -40,10 +40,11 @@ class TimerQueue:
         # Cancelled entries stay in the heap until they surface, and a cancelled 4-hour
         # max-duration timer would keep its finished call alive for 4 hours: drop them all
         # whenever the heap has doubled (amortised O(1) per schedule).
-        live = [e for e in self._heap if e[2].timers.get(e[3]) == e[1]]
-        heapq.heapify(live)
-        self._heap = live
-        self._compact_at = max(1024, 2 * len(live))
+        # In place: fire() may be walking this very list when a timer re-arms.
+        heap = self._heap
+        heap[:] = [e for e in heap if e[2].timers.get(e[3]) == e[1]]
+        heapq.heapify(heap)
+        self._compact_at = max(1024, 2 * len(heap))
 
     def __len__(self) -> int:
         return len(self._heap)

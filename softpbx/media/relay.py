@@ -92,6 +92,18 @@ def _canonical(addr: Address | None) -> tuple[str, int] | None:
     return ip.compressed, port
 
 
+class _Nowhere:
+    """The peer of a detached stream: it has no address, so nothing is forwarded."""
+
+    __slots__ = ()
+    dest: Address | None = None
+    packets_in = bytes_in = unroutable = unroutable_bytes = 0
+
+
+NOWHERE: RelayStream = _Nowhere()  # type: ignore[assignment]
+"""Where a closed session's streams forward to (immutable: it only answers ``dest``)."""
+
+
 class RelayStream:
     """The packets arriving on one relay port (one side's RTP or RTCP port)."""
 
@@ -324,10 +336,11 @@ class RelaySession:
 
     def detach(self) -> None:
         """Unlink the two sides (they point at each other) once the session is closed, so that
-        it is freed at once rather than by the garbage collector."""
+        it is freed at once rather than by the garbage collector. A packet still on its way
+        in is dropped (its peer is :data:`NOWHERE`)."""
         self.tap = None
         for stream in self.streams():
-            stream.peer = stream
+            stream.peer = NOWHERE  # not ``stream`` itself: a self-reference is a cycle too
 
     def side(self, side: Side) -> RelaySide:
         """Side ``A`` or ``B``."""

@@ -69,6 +69,7 @@ class SipStack:
         self._client: dict[tuple, ClientTransaction] = {}
         self._heap: list[tuple[float, int, Transaction, str]] = []
         self._seq = itertools.count()
+        self._compact_at = 1024
         # Completed non-INVITE server transactions over UDP (RFC 3261 §17.2.2, Timer J):
         # key -> (final response bytes, flow). Timer J is the same for all, so they expire in
         # the order they completed: a FIFO replaces the heap.
@@ -313,7 +314,22 @@ class SipStack:
     def _schedule(self, tx: Transaction, name: str, when: float) -> None:
         entry = next(self._seq)
         tx.timers[name] = entry
-        heapq.heappush(self._heap, (when, entry, tx, name))
+        heap = self._heap
+        heapq.heappush(heap, (when, entry, tx, name))
+        if len(heap) >= self._compact_at:
+            self._compact()
+
+    def _compact(self) -> None:
+        # A cancelled timer stays in the heap until it surfaces, and with it its transaction
+        # (request, response, owner): Timer C is 3 minutes, so at 300 calls/s tens of
+        # thousands of finished INVITE transactions would stay alive, and every garbage
+        # collection would walk them. Drop the cancelled entries whenever the heap doubled
+        # (amortised O(1) per timer).
+        # In place: handle_timer may be walking this very list when a timer re-arms.
+        heap = self._heap
+        heap[:] = [e for e in heap if e[2].timers.get(e[3]) == e[1]]
+        heapq.heapify(heap)
+        self._compact_at = max(1024, 2 * len(heap))
 
     def _cancel_timers(self, tx: Transaction) -> None:
         tx.timers.clear()

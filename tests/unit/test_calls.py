@@ -49,6 +49,7 @@ class FakeRelay:
 
     def close_session(self, session: RelaySession) -> None:
         self.sessions.remove(session)
+        session.detach()  # as aio.rtp_transport.RtpRelay does
         self.ports.release(session.a.rtp_port)
         self.ports.release(session.b.rtp_port)
 

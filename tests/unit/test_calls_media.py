@@ -164,9 +164,8 @@ def selective(tmp_path: Path) -> Path:
         "directory/101.toml": [("record = true", "record = false")],
         "directory/103.toml": [("record = true", "record = false")],
         "gateways/carrier.toml": [("record = true", "record = false")],
-        "dialplan.toml": [("# record = true", "record = false"),
-                          ("", '\n[[inbound]]\ndid = "74950000002"\ndestination = "102"\n'
-                               "record = false\n")],
+        # routes and rules record nothing by default
+        "dialplan.toml": [("", '\n[[inbound]]\ndid = "74950000002"\ndestination = "102"\n')],
     })
 
 

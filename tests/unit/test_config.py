@@ -80,6 +80,7 @@ def test_sample_loads_with_what_it_promises() -> None:
             transport=Transport.UDP,
             register=False,
             inbound_addresses=("127.0.0.1:5070",),
+            record=True,  # the sample records every call: its extensions and trunk say so
         ),
     )
     dp = cfg.dialplan

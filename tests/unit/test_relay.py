@@ -262,3 +262,28 @@ def test_rtp_csrc_extension_padding() -> None:
 def test_rtp_malformed(pkt: bytes) -> None:
     with pytest.raises(RtpError):
         parse_header(pkt)
+
+
+def test_a_closed_session_has_no_cycles_and_drops_late_packets() -> None:
+    import gc
+
+    s = RelaySession(a_port=20000, b_port=20002, now=0.0)
+    s.a.set_remote(("127.0.0.1", 40000))
+    s.b.set_remote(("127.0.0.1", 50000))
+    stream = s.a.rtp
+    assert stream.receive(b"x" * 12, ("127.0.0.1", 40000)) == ("127.0.0.1", 50000)
+    s.detach()
+    assert stream.receive(b"x" * 12, ("127.0.0.1", 40000)) is None  # a late packet: dropped
+    assert s.a.counters().packets_out == 0
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        del s, stream
+        gc.collect()
+        left = [o for o in gc.garbage if type(o).__module__ == "softpbx.media.relay"]
+        assert left == [], "a detached session is freed by reference counting"
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
