@@ -1,75 +1,7 @@
-"""One timer heap for every call and leg of the switch (STYLE.md habit 2).
-
-Owners keep a ``timers`` dict (name -> entry id); re-arming or cancelling just replaces or
-drops the entry, and stale heap entries are skipped when they surface.
-"""
+"""The switch's timer queue: the same heap as the SIP stack's (:mod:`softpbx.sip.timers`)."""
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from typing import Protocol
+from ..sip.timers import TimerOwner, TimerQueue
 
-
-class TimerOwner(Protocol):
-    """Anything with named timers."""
-
-    timers: dict[str, int]
-
-    def on_timer(self, name: str, now: float) -> None: ...
-
-
-class TimerQueue:
-    """A heap of (when, entry, owner, name)."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, TimerOwner, str]] = []
-        self._seq = itertools.count()
-        self._compact_at = 1024
-
-    def schedule(self, owner: TimerOwner, name: str, when: float) -> None:
-        """Arm (or re-arm) ``owner``'s timer ``name`` at ``when``."""
-        entry = next(self._seq)
-        owner.timers[name] = entry
-        heap = self._heap
-        heapq.heappush(heap, (when, entry, owner, name))
-        if len(heap) >= self._compact_at:
-            self._compact()
-
-    def _compact(self) -> None:
-        # Cancelled entries stay in the heap until they surface, and a cancelled 4-hour
-        # max-duration timer would keep its finished call alive for 4 hours: drop them all
-        # whenever the heap has doubled (amortised O(1) per schedule).
-        # In place: fire() may be walking this very list when a timer re-arms.
-        heap = self._heap
-        heap[:] = [e for e in heap if e[2].timers.get(e[3]) == e[1]]
-        heapq.heapify(heap)
-        self._compact_at = max(1024, 2 * len(heap))
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    @staticmethod
-    def cancel(owner: TimerOwner, name: str) -> None:
-        """Disarm one timer."""
-        owner.timers.pop(name, None)
-
-    def next(self) -> float | None:
-        """When the earliest live timer is due."""
-        heap = self._heap
-        while heap:
-            when, entry, owner, name = heap[0]
-            if owner.timers.get(name) == entry:
-                return when
-            heapq.heappop(heap)
-        return None
-
-    def fire(self, now: float) -> None:
-        """Run every timer due by ``now``, in order."""
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, entry, owner, name = heapq.heappop(heap)
-            if owner.timers.get(name) != entry:
-                continue
-            del owner.timers[name]
-            owner.on_timer(name, now)
+__all__ = ["TimerOwner", "TimerQueue"]

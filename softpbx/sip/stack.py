@@ -15,8 +15,6 @@ in exactly one place, :meth:`SipStack._reject`.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import secrets
 from collections import deque
@@ -36,6 +34,7 @@ from .framing import PING, PONG
 from .headers import Via
 from .message import Request, Response, full_name, make_response
 from .parser import parse_message
+from .timers import TimerQueue
 from .transaction import ClientTransaction, ServerTransaction, Transaction, TxState
 
 log = logging.getLogger("softpbx.sip.stack")
@@ -67,9 +66,7 @@ class SipStack:
         self._out: list[Outgoing] = []
         self._server: dict[tuple, ServerTransaction] = {}
         self._client: dict[tuple, ClientTransaction] = {}
-        self._heap: list[tuple[float, int, Transaction, str]] = []
-        self._seq = itertools.count()
-        self._compact_at = 1024
+        self._timers = TimerQueue()
         # Completed non-INVITE server transactions over UDP (RFC 3261 §17.2.2, Timer J):
         # key -> (final response bytes, flow). Timer J is the same for all, so they expire in
         # the order they completed: a FIFO replaces the heap.
@@ -122,13 +119,7 @@ class SipStack:
         fifo = self._completed_fifo
         while fifo and fifo[0][0] <= now:
             self._completed.pop(fifo.popleft()[1], None)  # Timer J
-        heap = self._heap
-        while heap and heap[0][0] <= now:
-            _, entry, tx, name = heapq.heappop(heap)
-            if tx.timers.get(name) != entry:
-                continue  # cancelled or re-armed
-            del tx.timers[name]
-            tx.on_timer(name, now)
+        self._timers.fire(now)
 
     # -- outputs ------------------------------------------------------------------------------
     def next_event(self) -> SipEvent | None:
@@ -143,14 +134,11 @@ class SipStack:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` must be called next (one peek at the heap and the FIFO)."""
-        heap = self._heap
+        when = self._timers.next()
         first = self._completed_fifo[0][0] if self._completed_fifo else None
-        while heap:
-            when, entry, tx, name = heap[0]
-            if tx.timers.get(name) == entry:
-                return when if first is None or when < first else first
-            heapq.heappop(heap)
-        return first
+        if when is None:
+            return first
+        return when if first is None or when < first else first
 
     @property
     def transaction_count(self) -> int:
@@ -312,27 +300,10 @@ class SipStack:
         self._out.append(Outgoing(flow, data))
 
     def _schedule(self, tx: Transaction, name: str, when: float) -> None:
-        entry = next(self._seq)
-        tx.timers[name] = entry
-        heap = self._heap
-        heapq.heappush(heap, (when, entry, tx, name))
-        if len(heap) >= self._compact_at:
-            self._compact()
-
-    def _compact(self) -> None:
-        # A cancelled timer stays in the heap until it surfaces, and with it its transaction
-        # (request, response, owner): Timer C is 3 minutes, so at 300 calls/s tens of
-        # thousands of finished INVITE transactions would stay alive, and every garbage
-        # collection would walk them. Drop the cancelled entries whenever the heap doubled
-        # (amortised O(1) per timer).
-        # In place: handle_timer may be walking this very list when a timer re-arms.
-        heap = self._heap
-        heap[:] = [e for e in heap if e[2].timers.get(e[3]) == e[1]]
-        heapq.heapify(heap)
-        self._compact_at = max(1024, 2 * len(heap))
+        self._timers.schedule(tx, name, when)
 
     def _cancel_timers(self, tx: Transaction) -> None:
-        tx.timers.clear()
+        TimerQueue.cancel_all(tx)
 
     def _absorb_retransmissions(self, tx: ServerTransaction, now: float) -> None:
         data = tx._last_bytes

@@ -352,7 +352,7 @@ def test_ict_timer_c_restarts_on_provisionals_other_than_100() -> None:
     assert _timeouts(events(st)) == [] and tx.state is TxState.PROCEEDING
     run_until(st, clock, start + 100 + TIMER_C + 0.1)
     assert [e.tx for e in _timeouts(events(st))] == [tx]
-    assert len(st._heap) <= 3  # provisionals move the deadline; they do not pile up entries
+    assert len(st._timers) <= 3  # provisionals move the deadline; they do not pile up entries
 
 
 def test_ict_vanished_callee_without_provisional_then_silent_after_cancel() -> None:
