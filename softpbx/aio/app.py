@@ -94,8 +94,11 @@ class Server:
         # Calls, legs and transactions are freed by reference counting (tests check that
         # no cycles are left), so the collector only finds the odd cycle: with CPython's
         # default of a young collection every 700 allocations it cost ~25 % of the CPU per
-        # call (bench/cps_bench.sh: 1.94 -> 1.42 ms/call at 200 calls/s with these).
-        gc.set_threshold(50_000, 50, 1000)
+        # call (bench/cps_bench.sh: 1.94 -> 1.42 ms/call at 200 calls/s with these). The
+        # older generations keep CPython's cadence relative to it (a full collection at most
+        # every 10M allocations, ~10-20 s under load), so cycles from elsewhere (aiohttp,
+        # tracebacks) that outlive the young collections are still reclaimed.
+        gc.set_threshold(50_000, 20, 10)
 
     async def _resolve_gateways(self, loop: asyncio.AbstractEventLoop) -> None:
         """Gateways named by host name are resolved once at start-up."""
