@@ -225,20 +225,14 @@ class Call:
 
     def _rewrite_for(self, side: RelaySide, sdp: SessionDescription, origin: LocalOrigin) -> bytes:
         ip = self.host.relay.advertised_ip
-        addrs = []
-        first = True
-        for m in sdp.media:
-            if first and m.is_rtp and m.port:
-                addrs.append((ip, side.rtp_port))
-                first = False
-            else:
-                addrs.append((ip, 0))  # only the first RTP stream is relayed
+        relayed = _first_rtp(sdp)  # only the first RTP stream is relayed; the rest get port 0
+        addrs = [(ip, side.rtp_port if i == relayed else 0) for i in range(len(sdp.media))]
         out = sdpmod.rewrite(sdp, addrs, drop_attributes=sdpmod.ICE_ATTRIBUTES)
         return origin.stamp(out).to_bytes()
 
     @staticmethod
     def _set_remote(side: RelaySide, sdp: SessionDescription) -> None:
-        idx = next((i for i, m in enumerate(sdp.media) if m.is_rtp and m.port), None)
+        idx = _first_rtp(sdp)
         if idx is None:
             side.set_remote(None)
             return
@@ -448,9 +442,7 @@ class Call:
             leg.answer_offer(488, None, now)
             return
         other: Leg = self.answered if leg is self.a else self.a
-        other_side = self.media.b if leg is self.a else self.media.a
-        origin = self._origin_b if leg is self.a else self._origin_a
-        assert origin is not None
+        other_side, origin = self._facing(other)
         self._pending = _Renegotiation(origin=leg, target=other, offer=offer)
         other.offer(self._rewrite_for(other_side, offer, origin), now)
 
@@ -479,10 +471,16 @@ class Call:
             return
         assert p.offer is not None
         self._adopt({origin_leg: p.offer, leg: answer}, now)
-        origin_side = self.media.a if origin_leg is self.a else self.media.b
-        origin = self._origin_a if origin_leg is self.a else self._origin_b
-        assert origin is not None
+        origin_side, origin = self._facing(origin_leg)
         origin_leg.answer_offer(200, self._rewrite_for(origin_side, answer, origin), now)
+
+    def _facing(self, leg: Leg) -> tuple[RelaySide, LocalOrigin]:
+        """The relay side and our SDP origin that ``leg``'s party sees."""
+        assert self.media is not None and self._origin_a is not None
+        assert self._origin_b is not None
+        if leg is self.a:
+            return self.media.a, self._origin_a
+        return self.media.b, self._origin_b
 
     def _on_offer_cancelled(self, leg: Leg, now: float) -> None:
         """The originator withdrew its re-INVITE: withdraw ours; its relay address was
@@ -499,9 +497,7 @@ class Call:
         peer_sdp = self._sdp_b if leg is self.a else self._sdp_a
         if self.media is None or peer_sdp is None:
             return
-        side = self.media.a if leg is self.a else self.media.b
-        origin = self._origin_a if leg is self.a else self._origin_b
-        assert origin is not None
+        side, origin = self._facing(leg)
         self._pending = _Renegotiation(origin=None, target=leg, offer=None)
         leg.offer(self._rewrite_for(side, peer_sdp, origin), now)
 
@@ -699,9 +695,6 @@ def _codec_map(sdp: SessionDescription | None) -> dict[int, str]:
         return {}
     i = _first_rtp(sdp)
     return {} if i is None else {c.payload_type: c.encoding for c in sdp.media[i].codecs()}
-
-
-
 
 
 def _sends(own: SessionDescription | None, peer: SessionDescription | None) -> bool:
