@@ -13,7 +13,7 @@ from enum import Enum
 from typing import Protocol
 
 from ..config.schema import Gateway
-from ..sip.auth import client_authorization
+from ..sip.auth import answer_challenge
 from ..sip.events import Flow
 from ..sip.message import Request, Response
 from ..sip.stack import SipStack, new_tag
@@ -133,16 +133,12 @@ class GatewayRegistration:
         self.last_status = resp.status
         if resp.status in (401, 407) and not self._auth_tried:
             self._auth_tried = True
-            header = "www-authenticate" if resp.status == 401 else "proxy-authenticate"
-            name = "Authorization" if resp.status == 401 else "Proxy-Authorization"
-            for ch in resp.get_all(header):
-                value = client_authorization(ch, method="REGISTER", uri=self.request_uri,
-                                             username=self.gateway.username,
-                                             password=self.gateway.password,
-                                             cnonce=secrets.token_hex(8))
-                if value is not None:
-                    self._send(now, (name, value), self._last_expires)
-                    return
+            answer = answer_challenge(resp, method="REGISTER", uri=self.request_uri,
+                                      username=self.gateway.username,
+                                      password=self.gateway.password)
+            if answer is not None:
+                self._send(now, answer, self._last_expires)
+                return
         if self._stopping:
             log.info("gateway %s unregistered (%d)", self.gateway.name, resp.status)
             self._tx = None

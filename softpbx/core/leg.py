@@ -14,7 +14,7 @@ import secrets
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
-from ..sip.auth import client_authorization
+from ..sip.auth import answer_challenge
 from ..sip.dialog import Dialog
 from ..sip.errors import SipError
 from ..sip.events import Flow
@@ -51,22 +51,15 @@ def with_credentials(request: Request, challenge: Response, credentials: tuple[s
     """``request`` again, answering ``challenge`` (a 401/407 to it) with ``credentials`` and
     carrying CSeq ``cseq`` (RFC 3261 §22.2, §8.1.3.5); ``None`` when no challenge can be
     answered. The stack adds a new Via (a new branch: it is a new transaction)."""
-    header = "www-authenticate" if challenge.status == 401 else "proxy-authenticate"
-    answer_header = "Authorization" if challenge.status == 401 else "Proxy-Authorization"
     user, password = credentials
-    value = None
-    for ch in challenge.get_all(header):
-        value = client_authorization(ch, method=request.method, uri=request.uri_text,
-                                     username=user, password=password,
-                                     cnonce=secrets.token_hex(8))
-        if value is not None:
-            break
-    if value is None:
+    answer = answer_challenge(challenge, method=request.method, uri=request.uri_text,
+                              username=user, password=password)
+    if answer is None:
         return None
     headers = [(n, v) for n, v in request.headers
                if full_name(n) not in ("via", "cseq", *_AUTH_HEADERS)]
     headers.insert(0, ("CSeq", f"{cseq} {request.method}"))
-    headers.insert(0, (answer_header, value))
+    headers.insert(0, answer)
     return Request(request.method, request.uri_text, headers, request.body)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from .errors import ParseError
+from .message import Response
 from .uri import Uri, parse_uri
 
 _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
@@ -355,3 +356,20 @@ def client_authorization(challenge: str, *, method: str, uri: str, username: str
     if "opaque" in p:
         parts.append(f'opaque="{p["opaque"]}"')
     return "Digest " + ", ".join(parts)
+
+
+def answer_challenge(challenge: Response, *, method: str, uri: str, username: str,
+                     password: str) -> tuple[str, str] | None:
+    """The header answering a ``401``/``407`` (RFC 3261 §22.2, §22.3): ``("Authorization",
+    value)`` or ``("Proxy-Authorization", value)`` for the first challenge we can answer, or
+    ``None`` when there is none."""
+    if challenge.status == 401:
+        header, answer = "www-authenticate", "Authorization"
+    else:
+        header, answer = "proxy-authenticate", "Proxy-Authorization"
+    for value in challenge.get_all(header):
+        credentials = client_authorization(value, method=method, uri=uri, username=username,
+                                           password=password, cnonce=secrets.token_hex(8))
+        if credentials is not None:
+            return answer, credentials
+    return None
