@@ -250,6 +250,46 @@ def answered_call(net: Net):
     return b_inv, ok
 
 
+def answered_unacked(net: Net) -> Request:
+    """101 -> 102, answered at once; the 200 to the caller waits in its inbox, not ACKed.
+    Returns the callee leg's INVITE."""
+    place_call(net, "102")
+    net.take(ALICE)
+    (b_inv,) = net.take(BOB)
+    net.feed(answer(b_inv, 200, body=sdp(50000)), BOB)
+    net.take(BOB)
+    return b_inv
+
+
+def ringing_on_two_phones(net: Net) -> tuple[Request, Request]:
+    """102 has a second phone (BOB2); 101 calls 102 and both ring (180, the second with its
+    own To tag). Returns the INVITEs to BOB and to BOB2."""
+    net.sw.registrar.load([Binding(aor="102", contact="sip:102@127.0.0.1:5063", key="b2",
+                                   expires_at=1e9, call_id="x", cseq=1, flow=flow(BOB2))])
+    place_call(net, "102")
+    net.take(ALICE)
+    (inv1,) = net.take(BOB)
+    (inv2,) = net.take(BOB2)
+    net.feed(answer(inv1, 180), BOB)
+    net.feed(answer(inv2, 180, tag="t2"), BOB2)
+    return inv1, inv2
+
+
+def callee_reinvite_answered(net: Net, b_inv: Request) -> None:
+    """102 puts 101 on hold (a re-INVITE on the answered call); the switch passes it to 101,
+    whose 200 it ACKs. The switch's 200 to 102 is then in 102's inbox."""
+    net.feed(in_dialog("INVITE", b_inv, frm_tag="callee-tag", to_tag=b_inv.from_.tag, cseq=1,
+                       src=BOB, frm="102", to="101", body=sdp(50000, direction="sendonly")),
+             BOB)
+    (a_reinv,) = [m for m in net.take(ALICE) if getattr(m, "method", "") == "INVITE"]
+    net.feed(Response(200, None, [(n, v) for n, v in a_reinv.headers
+                                  if n in ("Via", "From", "To", "Call-ID", "CSeq")]
+                      + [("Contact", "<sip:101@127.0.0.1:5061>"),
+                         ("Content-Type", "application/sdp")],
+                      sdp(40000, direction="recvonly")).serialize(), ALICE)
+    assert [m.method for m in net.take(ALICE)] == ["ACK"]
+
+
 def test_internal_call_answered_and_hung_up(net: Net) -> None:
     b_inv, ok = answered_call(net)
     # the callee saw the caller's extension and display name; SDP points at the relay
@@ -337,14 +377,7 @@ def test_inbound_did_no_answer_then_fallback(net: Net) -> None:
 
 
 def test_fork_first_answer_wins_others_cancelled(net: Net) -> None:
-    net.sw.registrar.load([Binding(aor="102", contact="sip:102@127.0.0.1:5063", key="b2",
-                                   expires_at=1e9, call_id="x", cseq=1, flow=flow(BOB2))])
-    place_call(net, "102")
-    net.take(ALICE)
-    (inv1,) = net.take(BOB)
-    (inv2,) = net.take(BOB2)
-    net.feed(answer(inv1, 180), BOB)
-    net.feed(answer(inv2, 180, tag="t2"), BOB2)
+    inv1, inv2 = ringing_on_two_phones(net)
     net.feed(answer(inv2, 200, tag="t2", body=sdp(50002)), BOB2)
     assert [m.method for m in net.take(BOB2)] == ["ACK"]
     (c,) = net.take(BOB)
@@ -402,17 +435,7 @@ def test_reinvite_2xx_to_caller_resent_until_ack(net: Net) -> None:
 
 def test_reinvite_2xx_to_callee_resent_and_no_ack_ends_call(net: Net) -> None:
     b_inv, ok = answered_call(net)
-    callee_tag, our_tag = "callee-tag", b_inv.from_.tag
-    reinv = in_dialog("INVITE", b_inv, frm_tag=callee_tag, to_tag=our_tag, cseq=1, src=BOB,
-                      frm="102", to="101", body=sdp(50000, direction="sendonly"))
-    net.feed(reinv, BOB)
-    (a_reinv,) = [m for m in net.take(ALICE) if getattr(m, "method", "") == "INVITE"]
-    net.feed(Response(200, None, [(n, v) for n, v in a_reinv.headers
-                                  if n in ("Via", "From", "To", "Call-ID", "CSeq")]
-                      + [("Contact", "<sip:101@127.0.0.1:5061>"),
-                         ("Content-Type", "application/sdp")],
-                      sdp(40000, direction="recvonly")).serialize(), ALICE)
-    assert [m.method for m in net.take(ALICE)] == ["ACK"]
+    callee_reinvite_answered(net, b_inv)
     net.advance(4.0)  # 0.5, 1.5, 3.5: the first 200 and three re-sends, all to the callee
     assert _statuses(net.take(BOB)).count(200) == 4
     # no ACK at all ends the call with BYEs after 64*T1
@@ -424,17 +447,9 @@ def test_reinvite_2xx_to_callee_resent_and_no_ack_ends_call(net: Net) -> None:
 
 def test_reinvite_2xx_to_callee_stops_on_ack(net: Net) -> None:
     b_inv, ok = answered_call(net)
-    our_tag = b_inv.from_.tag
-    net.feed(in_dialog("INVITE", b_inv, frm_tag="callee-tag", to_tag=our_tag, cseq=1, src=BOB,
-                       frm="102", to="101", body=sdp(50000, direction="sendonly")), BOB)
-    (a_reinv,) = [m for m in net.take(ALICE) if getattr(m, "method", "") == "INVITE"]
-    net.feed(Response(200, None, [(n, v) for n, v in a_reinv.headers
-                                  if n in ("Via", "From", "To", "Call-ID", "CSeq")]
-                      + [("Contact", "<sip:101@127.0.0.1:5061>"),
-                         ("Content-Type", "application/sdp")],
-                      sdp(40000, direction="recvonly")).serialize(), ALICE)
+    callee_reinvite_answered(net, b_inv)
     assert _statuses(net.take(BOB)).count(200) == 1
-    net.feed(in_dialog("ACK", b_inv, frm_tag="callee-tag", to_tag=our_tag, cseq=1, src=BOB,
+    net.feed(in_dialog("ACK", b_inv, frm_tag="callee-tag", to_tag=b_inv.from_.tag, cseq=1, src=BOB,
                        frm="102", to="101", branch="z9hG4bKboback"), BOB)
     net.advance(40.0)
     assert _statuses(net.take(BOB)).count(200) == 0
@@ -465,11 +480,7 @@ def test_max_duration(net: Net) -> None:
 
 
 def test_caller_never_acks_2xx(net: Net) -> None:
-    place_call(net, "102")
-    net.take(ALICE)
-    (b_inv,) = net.take(BOB)
-    net.feed(answer(b_inv, 200, body=sdp(50000)), BOB)
-    net.take(BOB)
+    answered_unacked(net)
     net.advance(8.0)
     sent = net.take(ALICE)
     assert [getattr(m, "status", None) for m in sent].count(200) >= 4  # re-sent: 0.5, 1.5, 3.5 ...

@@ -21,6 +21,7 @@ from .test_calls import (
     ack_for,
     answer,
     answered_call,
+    answered_unacked,
     edited_profiles,
     in_dialog,
     invite,
@@ -97,11 +98,7 @@ def test_timeout_while_reinvite_pending_answers_it_487_before_the_bye(overrides)
 
 def test_bye_to_caller_waits_for_its_ack(net: Net) -> None:
     # RFC 3261 §15: no BYE on a confirmed dialog before the ACK of our 2xx arrived.
-    place_call(net, "102")
-    net.take(ALICE)
-    (b_inv,) = net.take(BOB)
-    net.feed(answer(b_inv, 200, body=sdp(50000)), BOB)
-    net.take(BOB)
+    b_inv = answered_unacked(net)
     (ok,) = [m for m in net.take(ALICE) if m.status == 200]
     net.feed(from_bob("BYE", b_inv, 1), BOB)
     assert kinds(net.take(BOB)) == [200]
@@ -116,11 +113,7 @@ def test_bye_to_caller_waits_for_its_ack(net: Net) -> None:
 
 
 def test_bye_to_caller_without_ack_goes_after_64_t1(net: Net) -> None:
-    place_call(net, "102")
-    net.take(ALICE)
-    (b_inv,) = net.take(BOB)
-    net.feed(answer(b_inv, 200, body=sdp(50000)), BOB)
-    net.take(BOB)
+    b_inv = answered_unacked(net)
     net.feed(from_bob("BYE", b_inv, 1), BOB)
     net.advance(31.0)
     assert "BYE" not in kinds(net.take(ALICE))

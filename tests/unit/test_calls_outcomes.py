@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from softpbx.core.call import caller_status
-from softpbx.core.events import Binding
 
 from .test_calls import (
     ALICE,
@@ -20,10 +19,10 @@ from .test_calls import (
     answer,
     answered_call,
     edited_profiles,
-    flow,
     invite,
     make_net,
     place_call,
+    ringing_on_two_phones,
 )
 from .test_calls_dialogs import kinds
 
@@ -59,14 +58,7 @@ def test_caller_status_table() -> None:
 
 # -- 11. a 6xx from one fork ends the stage --------------------------------------------------
 def test_decline_on_one_phone_stops_the_others(net: Net) -> None:
-    net.sw.registrar.load([Binding(aor="102", contact="sip:102@127.0.0.1:5063", key="b2",
-                                   expires_at=1e9, call_id="x", cseq=1, flow=flow(BOB2))])
-    place_call(net, "102")
-    net.take(ALICE)
-    (inv1,) = net.take(BOB)
-    (inv2,) = net.take(BOB2)
-    net.feed(answer(inv1, 180), BOB)
-    net.feed(answer(inv2, 180, tag="t2"), BOB2)
+    inv1, inv2 = ringing_on_two_phones(net)
     net.feed(answer(inv1, 603), BOB)  # declined on one phone
     assert kinds(net.take(BOB)) == ["ACK"]
     (cancel,) = net.take(BOB2)

@@ -3,7 +3,6 @@ and the finer points of registering to a provider (423, expires 0, un-REGISTER a
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,22 +18,17 @@ from softpbx.sip.parser import parse_message
 
 from .sipkit import FakeClock, crlf, run_until
 from .test_calls import FakeRelay
+from .test_gateways import PROVIDER, provider_profiles
 
-ROOT = Path(__file__).resolve().parents[2]
-PROVIDER = ("127.0.0.1", 5090)
 ELSEWHERE = ("127.0.0.1", 6001)  # another host of the provider's, not its proxy address
 ALICE = ("127.0.0.1", 5061)
 
 
 @pytest.fixture
 def profiles(tmp_path: Path) -> Path:
-    d = tmp_path / "profiles"
-    shutil.copytree(ROOT / "sip_profiles", d)
-    (d / "gateways" / "provider.toml").write_text(
-        '[gateway]\nproxy = "127.0.0.1:5090"\nregister = true\nusername = "pbx1"\n'
-        'password = "provpw"\nrealm = "voip.example"\nexpire_seconds = 300\nretry_seconds = 20\n')
-    (d / "gateways" / "byname.toml").write_text(
-        '[gateway]\nproxy = "sip.provider.test"\n')
+    """test_gateways' profiles (a provider we register to) and a trunk named by host name."""
+    d = provider_profiles(tmp_path)
+    (d / "gateways" / "byname.toml").write_text('[gateway]\nproxy = "sip.provider.test"\n')
     return d
 
 

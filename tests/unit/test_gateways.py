@@ -23,6 +23,12 @@ PROVIDER = ("127.0.0.1", 5090)
 
 @pytest.fixture
 def profiles(tmp_path: Path) -> Path:
+    return provider_profiles(tmp_path)
+
+
+def provider_profiles(tmp_path: Path) -> Path:
+    """The sample profiles plus ``provider`` (registered to, digest) and a carrier that
+    answers challenges with ``acct``/``trunkpw``."""
     d = tmp_path / "profiles"
     shutil.copytree(ROOT / "sip_profiles", d)
     (d / "gateways" / "provider.toml").write_text(

@@ -137,6 +137,18 @@ class Rig:
             await asyncio.sleep(0.01)
         return self.finished
 
+    async def talk(self, call_id: str, seconds: float = 1.0) -> float:
+        """Record ``call_id``: the caller plays 440 Hz and the callee 880 Hz for ``seconds``;
+        returns when they are done, with the recording's start time."""
+        session = self.session()
+        start = self.loop.time()
+        self.manager.start(StartRecording(call_id, session, {}, start))
+        play(self.loop, session, start,
+             rtp_stream(ulaw(tone(440, seconds)), ssrc=1, ts0=0, seq0=0),
+             rtp_stream(ulaw(tone(880, seconds)), ssrc=2, ts0=0, seq0=0))
+        await asyncio.sleep(start + seconds - self.loop.time())
+        return start
+
     async def close(self) -> None:
         await self.manager.aclose()
         self.store.flush()
@@ -498,12 +510,7 @@ def test_shutdown_while_a_finished_call_is_finalised_reports_it_once(tmp_path: P
         problems: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _loop, context: problems.append(context))
         rig = Rig(tmp_path, loop)
-        session = rig.session()
-        start = loop.time()
-        rig.manager.start(StartRecording("ending", session, {}, start))
-        play(loop, session, start, rtp_stream(ulaw(tone(440, 1.0)), ssrc=1, ts0=0, seq0=0),
-             rtp_stream(ulaw(tone(880, 1.0)), ssrc=2, ts0=0, seq0=0))
-        await asyncio.sleep(start + 1.0 - loop.time())
+        start = await rig.talk("ending")
         rig.manager.stop("ending", at=start + 1.0)
         rig.manager.stop("ending", at=start + 1.5)  # a second stop is a no-op
         await rig.close()  # aclose() at once: the finalise is still in flight
@@ -670,12 +677,7 @@ def test_a_libsndfile_error_means_not_recorded_and_the_call_is_still_settled(
     async def scenario() -> Rig:
         loop = asyncio.get_running_loop()
         rig = Rig(tmp_path, loop)
-        session = rig.session()
-        start = loop.time()
-        rig.manager.start(StartRecording("broken", session, {}, start))
-        play(loop, session, start, rtp_stream(ulaw(tone(440, 1.0)), ssrc=1, ts0=0, seq0=0),
-             rtp_stream(ulaw(tone(880, 1.0)), ssrc=2, ts0=0, seq0=0))
-        await asyncio.sleep(start + 1.0 - loop.time())
+        start = await rig.talk("broken")
         rig.manager.stop("broken", at=start + 1.0)
         await rig.wait_finished(1, timeout=5.0)
         assert rig.manager.active_count == 0 and rig.manager.backlog == 0
