@@ -57,6 +57,7 @@ class Server:
         self.switch.relay = self.relay
         await self._resolve_gateways(loop)
         self.driver = SwitchDriver(switch=self.switch, store=self.store, loop=loop)
+        self.switch.wall_offset = self.driver.wall_offset()  # refreshed by _housekeep
         if cfg.recording.enabled:
             rec_dir = resolve_path(cfg, cfg.recording.dir)
             self.recordings = RecordingManager(
@@ -158,6 +159,8 @@ class Server:
             ticks += 1
             await asyncio.sleep(30.0)
             if self.driver is not None:
+                # Wall-clock steps (NTP) reach the Date headers within 30 s.
+                self.switch.wall_offset = self.driver.wall_offset()
                 n = self.driver.transports.tcp.close_idle(loop.time(), idle)
                 if n:
                     log.info("closed %d idle TCP connections", n)

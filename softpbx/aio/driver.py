@@ -42,10 +42,8 @@ class SwitchDriver:
 
     def receive(self, data: bytes, flow: Flow, framing_error: str | None) -> None:
         """Transport callback: one message (or keep-alive) from ``flow``."""
-        now = self.loop.time()
-        self.switch.wall_offset = time.time() - now
         try:
-            self.switch.receive(data, flow, now, framing_error=framing_error)
+            self.switch.receive(data, flow, self.loop.time(), framing_error=framing_error)
         except Exception:
             # Protocol errors never get here (the core answers them); this is a bug in softpbx.
             # Log it with its traceback and keep serving everyone else.

@@ -4,7 +4,9 @@ bindings, Expires, ``*``, 423, several contacts, the failure rate limit)."""
 
 from __future__ import annotations
 
+import email.utils
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,9 @@ def test_binding_keeps_the_real_source_address(pbx: PbxProcess) -> None:
                            extra=[("User-Agent", "nat-phone/1.0")])
         assert ok.status == 200
         assert ok.get_all("contact") == ["<sip:101@10.0.0.99:5060>;expires=3600"]
+        # RFC 3261 §10.3 step 8: the 200 is dated with the wall clock (set by the shell)
+        date = email.utils.parsedate_to_datetime(ok.get("date") or "")
+        assert abs(date.timestamp() - time.time()) < 60
         row, = pbx.wait_registrations("101", 1)
         assert row["source"] == f"udp:{HOST}:{c.local[1]}"
         assert row["contact"] == "sip:101@10.0.0.99:5060"
