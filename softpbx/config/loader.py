@@ -648,7 +648,7 @@ def _build_config(root: Path, raw: dict[str, dict[str, Any]]) -> Config:
                                               "address written into Contact and Via)")
     extensions = _load_extensions(root, raw)
     gateways = _load_gateways(root, raw)
-    dialplan = _load_dialplan(root, raw, {e.id for e in extensions}, {g.name for g in gateways})
+    dialplan = _load_dialplan(raw, {e.id for e in extensions}, {g.name for g in gateways})
     return Config(
         profiles_dir=str(root.resolve()),
         **settings,
@@ -728,7 +728,7 @@ def _load_extensions(root: Path, raw: dict[str, dict[str, Any]]) -> tuple[Extens
     seen: dict[str, str] = {}
     out = []
     for rel, path in _toml_files(root, "directory"):
-        table = _only_table(rel, raw[rel] if rel in raw else _read_toml(root, rel), "user")
+        table = _only_table(rel, raw[rel], "user")
         if isinstance(table, dict) and "id" not in table:
             table = {"id": path.stem, **table}
         ext: Extension = _build(Extension, table, rel, "user")
@@ -743,7 +743,7 @@ def _load_gateways(root: Path, raw: dict[str, dict[str, Any]]) -> tuple[Gateway,
     """``gateways/*.toml``: one ``[gateway]`` each, named by the file stem."""
     out = []
     for rel, path in _toml_files(root, "gateways"):
-        table = _only_table(rel, raw[rel] if rel in raw else _read_toml(root, rel), "gateway")
+        table = _only_table(rel, raw[rel], "gateway")
         _name(rel, "gateway", path.stem, "gateway name (the file name)")
         gw: Gateway = _build(Gateway, table, rel, "gateway", derived={"name": path.stem})
         if gw.register and not (gw.username and gw.password):
@@ -753,13 +753,13 @@ def _load_gateways(root: Path, raw: dict[str, dict[str, Any]]) -> tuple[Gateway,
     return tuple(out)
 
 
-def _load_dialplan(root: Path, raw: dict[str, dict[str, Any]], extensions: set[str],
+def _load_dialplan(raw: dict[str, dict[str, Any]], extensions: set[str],
                    gateways: set[str]) -> Dialplan:
     """``dialplan.toml``: ring groups first, so inbound routes can name them."""
     rel = "dialplan.toml"
-    if rel not in raw and not (root / rel).is_file():
+    if rel not in raw:  # load_config read every file there is
         return Dialplan()
-    doc = raw[rel] if rel in raw else _read_toml(root, rel)
+    doc = raw[rel]
     for section, value in doc.items():
         if section not in ("inbound", "ring_group", "outbound"):
             _fail(rel, section, "unknown section; allowed: [[inbound]] [[ring_group]] [[outbound]]")
