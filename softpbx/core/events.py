@@ -92,6 +92,9 @@ class CallRecord:
     """Why it ended, in words (``caller hung up``, ``RTP timeout`` ...)."""
     caller_extension: str = ""
     """The calling extension for outbound and internal calls, else ""."""
+    pbx_call_id: str = ""
+    """The id the CRM knows the call by (``in_``/``out_`` + 40 hex; an internal call's
+    ``int_`` id spelled ``in_``), the same as in every NOTIFY_* of the call."""
 
     @property
     def duration(self) -> int:
@@ -143,7 +146,30 @@ class StopRecording:
     at: float
 
 
-Action = SaveBinding | DeleteBinding | WriteCdr | StartRecording | RecordingCodecs | StopRecording
+@dataclass(frozen=True, slots=True)
+class SendWebhook:
+    """Deliver one CRM event (``NOTIFY_*``, crm-telephony-api.md §1) through the durable
+    outbox. Made by :mod:`.notify` only; the shell writes it to the outbox before sending."""
+
+    event_id: str
+    """Unique and stable across retries (``X-Event-Id``): ``<pbx_call_id>.<seq>``."""
+    pbx_call_id: str
+    """The call's ``pbx_call_id`` (``in_``/``out_`` + 40 hex)."""
+    seq: int
+    """Order of this event within its call, from 1: an event is sent only once the earlier
+    ones of its call are delivered or given up."""
+    event: str
+    """``NOTIFY_START``, ``NOTIFY_INTERNAL``, ``NOTIFY_END``, ``NOTIFY_OUT_START``,
+    ``NOTIFY_OUT_END`` or ``NOTIFY_RECORD``."""
+    fields: tuple[tuple[str, str], ...]
+    """The form fields, in order, exactly as POSTed (``event`` first)."""
+    wants_answer: bool = False
+    """A ``NOTIFY_START`` whose call waits for the CRM: the shell hands the first attempt's
+    outcome to ``Switch.crm_answer`` (a parsed body, or a failure)."""
+
+
+Action = (SaveBinding | DeleteBinding | WriteCdr | StartRecording | RecordingCodecs
+          | StopRecording | SendWebhook)
 
 
 # -- neutral call-control events: what legs tell their call (no SIP in here) -----------------
