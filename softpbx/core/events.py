@@ -245,3 +245,16 @@ class LegRefreshAnswered:
 
 LegEvent = (LegRinging | LegAnswered | LegFailed | LegHungUp | LegOffer | LegOfferAnswered
             | LegOfferCancelled | LegRefreshAnswered)
+
+
+@dataclass(frozen=True, slots=True)
+class OriginateRefused:
+    """Why ``Switch.originate`` (click-to-call, ``POST /api/calls``) placed no call."""
+
+    status: int
+    """HTTP-style status: 404 unknown extension, 409 extension not registered, 429 extension
+    already in a call, 422 no route for the number, 400 a malformed number, 503 no media."""
+    error: str
+    """Human-readable reason, naming the field (``from``/``to``)."""
+    field: str = ""
+    """The request field at fault (``from`` or ``to``), "" when neither."""
