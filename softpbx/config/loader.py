@@ -499,6 +499,16 @@ def _each(rule: _Rule) -> _Rule:
     return check
 
 
+def _algorithms(file: str, key: str, values: tuple[str, ...], *, allow_empty: bool = False) -> None:
+    """Require digest algorithms softpbx knows (RFC 2617 MD5, RFC 8760 SHA-256), each once."""
+    if not allow_empty:
+        _nonempty(file, key, values)
+    for i, alg in enumerate(values):
+        if alg not in _ALGORITHMS or alg in values[:i]:
+            why = "listed twice" if alg in _ALGORITHMS else "unknown digest algorithm"
+            _fail(file, f"{key}[{i}]", f"{why}: {alg!r}; allowed: {', '.join(_ALGORITHMS)}")
+
+
 def _unique(file: str, key: str, values: tuple[Any, ...]) -> None:
     _nonempty(file, key, values)
     if len(set(values)) != len(values):
@@ -535,7 +545,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
     },
     AuthSettings: {
         "nonce_ttl": _POSITIVE,
-        "algorithms": _nonempty,
+        "algorithms": _algorithms,
         "max_failures": _POSITIVE,
         "failure_window": _POSITIVE,
         "ban_time": _POSITIVE,
@@ -573,12 +583,16 @@ _RULES: dict[type, dict[str, _Rule]] = {
     Extension: {
         "id": lambda file, key, value: _name(file, key, value, "extension id"),
         "password": _nonempty,
+        # empty (the default): the [auth] list
+        "auth_algorithms": lambda file, key, values: _algorithms(file, key, values,
+                                                                 allow_empty=True),
     },
     Gateway: {
         "proxy": lambda file, key, value: _host_port(file, key, value, hostname=True),
         "expire_seconds": _POSITIVE,
         "retry_seconds": _POSITIVE,
         "max_calls": _NOT_NEGATIVE,
+        "auth_algorithms": _algorithms,
         "inbound_addresses": lambda file, key, values: [
             _host_port(file, f"{key}[{i}]", v, hostname=False) for i, v in enumerate(values)
         ],
@@ -671,11 +685,6 @@ def _check_settings(s: dict[str, Any]) -> None:
     sip: SipSettings = s["sip"]
     if sip.t2_ms <= sip.t1_ms:
         _fail(f, "sip.t2_ms", f"must be greater than sip.t1_ms ({sip.t2_ms} <= {sip.t1_ms})")
-    algorithms = s["auth"].algorithms
-    for i, alg in enumerate(algorithms):
-        if alg not in _ALGORITHMS or alg in algorithms[:i]:
-            why = "listed twice" if alg in _ALGORITHMS else "unknown digest algorithm"
-            _fail(f, f"auth.algorithms[{i}]", f"{why}: {alg!r}; allowed: SHA-256, MD5")
     reg: RegistrarSettings = s["registrar"]
     if reg.max_expires < reg.min_expires:
         _fail(f, "registrar.max_expires", f"must be at least min_expires ({reg.min_expires})")

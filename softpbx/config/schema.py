@@ -71,9 +71,11 @@ class AuthSettings:
     """Seconds a nonce stays valid; an older one is answered with ``stale=true``."""
     secret: str = ""
     """HMAC key for stateless nonces; empty means a random key per start."""
-    algorithms: tuple[str, ...] = ("MD5", "SHA-256")
-    """Digest algorithms offered, one challenge header each, in this order. MD5 first by default:
-    many phones answer only the first challenge and cannot do SHA-256 (RFC 8760 §2.4)."""
+    algorithms: tuple[str, ...] = ("MD5",)
+    """Digest algorithms offered, one challenge header each, in this order. Only MD5 by default
+    (as Asterisk and FreeSWITCH): phones on libre (baresip) walk every challenge and fail on
+    the first algorithm they do not know, others answer only the first one. SHA-256 (RFC 8760)
+    is opt-in here or per extension (``directory/<ext>.toml`` ``auth_algorithms``)."""
     max_failures: int = 20
     """Failed authentications from one source IP within ``failure_window`` before it is banned."""
     failure_window: int = 60
@@ -214,6 +216,9 @@ class Extension:
     it -- extension, gateway, dial rule or inbound route -- asks for it)."""
     enabled: bool = True
     """A disabled extension cannot register or call."""
+    auth_algorithms: tuple[str, ...] = ()
+    """Digest algorithms offered to this extension (its REGISTERs by To, its calls by From), in
+    this order, e.g. ``["SHA-256", "MD5"]``; empty means ``[auth] algorithms``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,6 +254,9 @@ class Gateway:
     """Record calls through this gateway."""
     max_calls: int = 0
     """Concurrent calls allowed through this gateway (0 = unlimited)."""
+    auth_algorithms: tuple[str, ...] = ("MD5", "SHA-256")
+    """Digest algorithms we accept to answer in the provider's 401/407 challenges; the
+    provider's order decides among them (RFC 8760 §2.4)."""
 
 
 @dataclass(frozen=True, slots=True)

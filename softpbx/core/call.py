@@ -18,6 +18,7 @@ from ..config.schema import Config, Gateway
 from ..media.ports import PortRangeExhausted
 from ..media.relay import RelaySession, RelaySide
 from ..sip import sdp as sdpmod
+from ..sip.auth import Credentials
 from ..sip.events import Flow
 from ..sip.message import Request
 from ..sip.sdp import Direction as MediaDirection
@@ -167,7 +168,7 @@ class Call:
         if from_gateway:
             gw = host.gateway(from_gateway)
             if gw.username:  # for the trunk's challenges to our BYE or re-INVITE
-                self.a.credentials = (gw.username, gw.password)
+                self.a.credentials = Credentials(gw.username, gw.password, gw.auth_algorithms)
         self.b_legs: list[OutboundLeg] = []
         """Callee legs of the current stage still in play."""
         self.answered: OutboundLeg | None = None
@@ -277,7 +278,7 @@ class Call:
             return []
         flow = self.host.gateway_flow(gw)
         host = gw.realm or gw.proxy
-        creds = (gw.username, gw.password) if gw.username else None
+        creds = Credentials(gw.username, gw.password, gw.auth_algorithms) if gw.username else None
         # A DID forwarded out (no caller ID of its own configured) shows the original caller.
         caller = (None if self.route.direction is Direction.INBOUND and not target.caller_id_number
                   else (target.caller_id_number, target.caller_id_name))
@@ -288,7 +289,7 @@ class Call:
         leg.gateway = gw.name
         return [leg]
 
-    def _make_leg(self, *, flow: Flow, ruri: str, to: str, credentials: tuple[str, str] | None,
+    def _make_leg(self, *, flow: Flow, ruri: str, to: str, credentials: Credentials | None,
                   caller: tuple[str, str] | None = None, host: str | None = None,
                   account: str | None = None) -> OutboundLeg:
         """``account``: the From user is this trunk account, and the caller ID goes in

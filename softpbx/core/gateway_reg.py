@@ -135,7 +135,8 @@ class GatewayRegistration:
             self._auth_tried = True
             answer = answer_challenge(resp, method="REGISTER", uri=self.request_uri,
                                       username=self.gateway.username,
-                                      password=self.gateway.password)
+                                      password=self.gateway.password,
+                                      algorithms=self.gateway.auth_algorithms)
             if answer is not None:
                 self._send(now, answer, self._last_expires)
                 return

@@ -14,7 +14,7 @@ import secrets
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
-from ..sip.auth import answer_challenge
+from ..sip.auth import Credentials, answer_challenge
 from ..sip.dialog import Dialog
 from ..sip.errors import SipError
 from ..sip.events import Flow
@@ -46,14 +46,14 @@ ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"
 _AUTH_HEADERS = ("authorization", "proxy-authorization")
 
 
-def with_credentials(request: Request, challenge: Response, credentials: tuple[str, str],
+def with_credentials(request: Request, challenge: Response, credentials: Credentials,
                      cseq: int) -> Request | None:
     """``request`` again, answering ``challenge`` (a 401/407 to it) with ``credentials`` and
     carrying CSeq ``cseq`` (RFC 3261 §22.2, §8.1.3.5); ``None`` when no challenge can be
     answered. The stack adds a new Via (a new branch: it is a new transaction)."""
-    user, password = credentials
     answer = answer_challenge(challenge, method=request.method, uri=request.uri_text,
-                              username=user, password=password)
+                              username=credentials.username, password=credentials.password,
+                              algorithms=credentials.algorithms)
     if answer is None:
         return None
     headers = [(n, v) for n, v in request.headers
@@ -112,7 +112,7 @@ class Leg:
         """Extension behind this leg, when it is a phone."""
         self.gateway = ""
         """Gateway behind this leg, when it is a trunk."""
-        self.credentials: tuple[str, str] | None = None
+        self.credentials: Credentials | None = None
         """(username, password) for the far end's 401/407 challenges (trunks), also on
         in-dialog requests (BYE, re-INVITE)."""
         self.local_sdp: bytes | None = None
@@ -451,7 +451,7 @@ class OutboundLeg(Leg):
     """A leg softpbx places: the UAC of an INVITE to a phone binding or a trunk."""
 
     def __init__(self, *, host: LegHost, call: Call, flow: Flow, label: str, request: Request,
-                 credentials: tuple[str, str] | None = None) -> None:
+                 credentials: Credentials | None = None) -> None:
         super().__init__(host=host, call=call, flow=flow, label=label)
         self.request = request
         """The INVITE as sent (without Via; the stack adds one per transaction)."""

@@ -101,7 +101,8 @@ class Switch:
                                         nonce_ttl=config.auth.nonce_ttl,
                                         algorithms=config.auth.algorithms)
         self.extensions = {e.id: e for e in config.extensions if e.enabled}
-        self.auth.set_users({e.id: e.password for e in self.extensions.values()})
+        self.auth.set_users({e.id: e.password for e in self.extensions.values()},
+                            {e.id: e.auth_algorithms for e in self.extensions.values()})
         self.registrar = Registrar(settings=config.registrar)
         self.failures = FailureTracker(max_failures=config.auth.max_failures,
                                        window=config.auth.failure_window,
@@ -367,8 +368,15 @@ class Switch:
                                  self.config.auth.ban_time, self.config.auth.max_failures)
             self.stack.reply(tx, 403, now=now, to_tag=new_tag())
             return None
+        # The challenge's algorithms are those of the extension the request is about: the To
+        # user of a REGISTER (the AOR, RFC 3261 §10.2), the From user of anything else.
+        try:
+            party = req.to if req.method == "REGISTER" else req.from_
+            user = party.uri.unescaped_user if party.uri.is_sip else None
+        except ParseError:  # a From the stack let through but we cannot read: global list
+            user = None
         headers = [("WWW-Authenticate", v)
-                   for v in self.auth.challenge(now, stale=outcome is AuthOutcome.STALE)]
+                   for v in self.auth.challenge(now, stale=outcome is AuthOutcome.STALE, user=user)]
         self.stack.reply(tx, 401, now=now, to_tag=new_tag(), headers=headers)
         return None
 

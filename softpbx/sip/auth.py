@@ -1,8 +1,14 @@
 """HTTP digest authentication for SIP (RFC 3261 §22, RFC 2617, RFC 7616, RFC 8760).
 
-* Challenges offer every configured algorithm (``SHA-256`` and ``MD5`` by default), one
-  ``WWW-Authenticate`` value each, most preferred first (RFC 8760 §2.4), all with the same
-  nonce, ``qop="auth"``.
+* Challenges offer every configured algorithm (only ``MD5`` by default, as Asterisk and
+  FreeSWITCH do: libre-based phones such as baresip walk every challenge and give up on the
+  first algorithm they do not know), one ``WWW-Authenticate`` value each, most preferred first
+  (RFC 8760 §2.4), all with the same nonce, ``qop="auth"``. An extension may have its own list
+  (``SHA-256`` opt-in per phone): its challenge is chosen by the request's From/To user, which
+  tells that this extension exists; only extensions that opt in are told apart that way.
+* Credentials with an algorithm not offered to their user are answered with a new challenge
+  (as credentials for another realm are, RFC 3261 §22.4), after the same hashing as any other
+  answer: a phone that cached SHA-256 credentials before the operator removed it recovers.
 * Nonces are stateless: ``<issued-at hex>.<salt>.<HMAC(secret, issued-at.salt)>``. An expired nonce whose
   response is otherwise right gets a new challenge with ``stale=true``.
 * ``nc`` replays are refused: the highest ``nc`` seen per nonce is kept until the nonce expires.
@@ -25,12 +31,16 @@ import secrets
 from collections import deque
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from .errors import ParseError
 from .message import Response
 from .uri import Uri, parse_uri
 
 _HASHES = {"MD5": hashlib.md5, "SHA-256": hashlib.sha256}
+
+ALGORITHMS = tuple(_HASHES)
+"""Every digest algorithm this module knows (RFC 2617 MD5, RFC 8760 SHA-256)."""
 
 
 def _wire(text: str) -> bytes:
@@ -182,10 +192,12 @@ class DigestAuthenticator:
     """Issues challenges and verifies digest credentials for one realm."""
 
     def __init__(self, *, realm: str, secret: bytes | None = None, nonce_ttl: float = 300.0,
-                 algorithms: tuple[str, ...] = ("MD5", "SHA-256")) -> None:
+                 algorithms: tuple[str, ...] = ("MD5",)) -> None:
         self.realm = realm
         self.nonce_ttl = nonce_ttl
         self.algorithms = tuple(algorithms)
+        """Algorithms offered to users without a list of their own, in this order."""
+        self._user_algorithms: dict[str, tuple[str, ...]] = {}
         self._secret = secret or secrets.token_bytes(32)
         self._nc: dict[str, int] = {}
         self._nc_order: deque[tuple[float, str]] = deque()
@@ -193,13 +205,24 @@ class DigestAuthenticator:
         self._ha1: dict[tuple[str, str], str] = {}
         self._dummy_ha1 = {alg: ha1(alg, "-", realm, secrets.token_hex(16)) for alg in _HASHES}
 
-    def set_users(self, passwords: dict[str, str]) -> None:
-        """Install the user -> password table (precomputes HA1 for every algorithm)."""
+    def set_users(self, passwords: dict[str, str],
+                  algorithms: dict[str, tuple[str, ...]] | None = None) -> None:
+        """Install the user -> password table (precomputes HA1 for every algorithm) and the
+        users' own algorithm lists (``algorithms``; a user not in it, or with an empty list,
+        gets :attr:`algorithms`)."""
         table: dict[tuple[str, str], str] = {}
         for user, pw in passwords.items():
             for alg in _HASHES:
                 table[(user, alg)] = ha1(alg, user, self.realm, pw)
         self._ha1 = table
+        self._user_algorithms = {u: tuple(a) for u, a in (algorithms or {}).items()
+                                 if a and u in passwords}
+
+    def algorithms_for(self, user: str | None) -> tuple[str, ...]:
+        """The algorithms offered to ``user`` (the global list for an unknown or no user)."""
+        if user is None:
+            return self.algorithms
+        return self._user_algorithms.get(user, self.algorithms)
 
     # -- challenges ---------------------------------------------------------------------------
     def nonce(self, now: float) -> str:
@@ -212,12 +235,13 @@ class DigestAuthenticator:
         mac = hmac.new(self._secret, stamp.encode(), hashlib.sha256).hexdigest()[:32]
         return f"{stamp}.{mac}"
 
-    def challenge(self, now: float, *, stale: bool = False) -> list[str]:
-        """``WWW-Authenticate`` values, one per algorithm, most preferred first."""
+    def challenge(self, now: float, *, stale: bool = False, user: str | None = None) -> list[str]:
+        """``WWW-Authenticate`` values, one per algorithm offered to ``user`` (the request's
+        From/To user; ``None``: the global list), most preferred first (RFC 8760 §2.4)."""
         nonce = self.nonce(now)
         extra = ", stale=true" if stale else ""
         return [f'Digest realm="{self.realm}", nonce="{nonce}", algorithm={alg}, qop="auth"{extra}'
-                for alg in self.algorithms]
+                for alg in self.algorithms_for(user)]
 
     def _nonce_age(self, nonce: str, now: float) -> float | None:
         """Age of one of our nonces, or ``None`` when we did not issue it."""
@@ -261,7 +285,7 @@ class DigestAuthenticator:
         uri = creds.get("uri", "")
         response = creds.get("response", "").lower()
         alg = creds.get("algorithm", "MD5").upper()
-        if alg not in _HASHES or alg not in self.algorithms or not user or not uri or not response:
+        if alg not in _HASHES or not user or not uri or not response:
             return AuthResult(AuthOutcome.MALFORMED, user)
         age = self._nonce_age(nonce, now)
         if age is None or age < -5.0:
@@ -289,6 +313,10 @@ class DigestAuthenticator:
         else:
             return AuthResult(AuthOutcome.MALFORMED, user)
         matches = hmac.compare_digest(expected.encode(), _wire(response))
+        if alg not in self.algorithms_for(user):
+            # Not offered to this user (checked after the hashing, so the answer's timing says
+            # nothing about the user): a new challenge, as for credentials of another realm.
+            return AuthResult(AuthOutcome.MISSING, user)
         if not (known and matches):
             return AuthResult(AuthOutcome.UNKNOWN_USER if not known else AuthOutcome.WRONG_PASSWORD, user)
         # Checked before staleness: a replay to another number is a failure, not a retry.
@@ -324,18 +352,29 @@ class DigestAuthenticator:
             self._nc.pop(nonce, None)
 
 
+class Credentials(NamedTuple):
+    """What we answer a peer's challenges with (UAC side): a gateway's account."""
+
+    username: str
+    password: str
+    algorithms: tuple[str, ...] = ALGORITHMS
+    """The digest algorithms we accept to answer (the gateway's ``auth_algorithms``)."""
+
+
 def client_authorization(challenge: str, *, method: str, uri: str, username: str, password: str,
-                         cnonce: str, nc: int = 1) -> str | None:
+                         cnonce: str, nc: int = 1,
+                         algorithms: tuple[str, ...] = ALGORITHMS) -> str | None:
     """Credentials answering one ``WWW-Authenticate``/``Proxy-Authenticate`` value (UAC side).
 
-    Returns ``None`` for a challenge we cannot answer (not Digest, unknown algorithm or qop).
+    Returns ``None`` for a challenge we cannot answer (not Digest, an algorithm not in
+    ``algorithms`` or unknown, an unknown qop).
     """
     try:
         scheme, p = parse_credentials(challenge)
     except ParseError:
         return None
     alg = p.get("algorithm", "MD5").upper()
-    if scheme.lower() != "digest" or alg not in _HASHES:
+    if scheme.lower() != "digest" or alg not in _HASHES or alg not in algorithms:
         return None
     realm = p.get("realm", "")
     nonce = p.get("nonce", "")
@@ -359,17 +398,23 @@ def client_authorization(challenge: str, *, method: str, uri: str, username: str
 
 
 def answer_challenge(challenge: Response, *, method: str, uri: str, username: str,
-                     password: str) -> tuple[str, str] | None:
+                     password: str, algorithms: tuple[str, ...] = ALGORITHMS
+                     ) -> tuple[str, str] | None:
     """The header answering a ``401``/``407`` (RFC 3261 §22.2, §22.3): ``("Authorization",
     value)`` or ``("Proxy-Authorization", value)`` for the first challenge we can answer, or
-    ``None`` when there is none."""
+    ``None`` when there is none.
+
+    ``algorithms``: those we accept to answer (a gateway's ``auth_algorithms``). The
+    challenges are taken in the provider's order, its most preferred first (RFC 8760 §2.4),
+    skipping the others (RFC 7616 §3.7: a client uses the first challenge it supports)."""
     if challenge.status == 401:
         header, answer = "www-authenticate", "Authorization"
     else:
         header, answer = "proxy-authenticate", "Proxy-Authorization"
     for value in challenge.get_all(header):
         credentials = client_authorization(value, method=method, uri=uri, username=username,
-                                           password=password, cnonce=secrets.token_hex(8))
+                                           password=password, cnonce=secrets.token_hex(8),
+                                           algorithms=algorithms)
         if credentials is not None:
             return answer, credentials
     return None

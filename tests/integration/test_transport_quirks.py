@@ -19,6 +19,9 @@ pytestmark = pytest.mark.integration
 ALLOWED = {"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER"}
 """Methods a registrar/B2BUA must list in Allow at least."""
 
+PBX_OVERRIDES = {"auth.algorithms": '["MD5", "SHA-256"]'}
+"""SHA-256 (RFC 8760) is opt-in since the default became MD5 only: this module checks both."""
+
 
 @pytest.fixture
 def server(module_pbx: PbxProcess) -> PbxProcess:
@@ -257,7 +260,8 @@ def test_message_gets_405_with_allow(server: PbxProcess) -> None:
 
 
 def test_challenge_shape(server: PbxProcess) -> None:
-    """Both algorithms offered, same nonce, qop="auth", realm = global.domain, MD5 first."""
+    """Both algorithms offered when opted in, same nonce, qop="auth", realm = global.domain,
+    in the configured order."""
     with SipClient("udp", server.sip_addr) as c:
         first = _challenge(c, [("Contact", c.contact("101")), ("Expires", "600")])
         raw = first.get_all("www-authenticate")

@@ -78,9 +78,24 @@ def actions(sw: Switch) -> list:
     return out
 
 
-def test_challenge_offers_md5_and_sha256_with_one_nonce(switch) -> None:
+@pytest.fixture
+def switch_sha256():
+    """A switch offering both algorithms, SHA-256 opted in after MD5."""
+    config = load_config(ROOT / "sip_profiles", ["registrar.min_expires=30",
+                                                 'auth.algorithms=["MD5", "SHA-256"]'])
+    return Switch(config=config, auth_secret=b"k" * 32)
+
+
+def test_challenge_offers_only_md5_by_default(switch) -> None:
     r = exchange(switch, register(), FakeClock())
     assert r.status == 401 and r.to.tag
+    chs = [challenge_params(v) for v in r.get_all("www-authenticate")]
+    assert [c["algorithm"] for c in chs] == ["MD5"]
+    assert {c["qop"] for c in chs} == {"auth"} and {c["realm"] for c in chs} == {"127.0.0.1"}
+
+
+def test_challenge_offers_md5_and_sha256_with_one_nonce(switch_sha256) -> None:
+    r = exchange(switch_sha256, register(), FakeClock())
     chs = [challenge_params(v) for v in r.get_all("www-authenticate")]
     assert [c["algorithm"] for c in chs] == ["MD5", "SHA-256"]
     assert {c["qop"] for c in chs} == {"auth"} and {c["realm"] for c in chs} == {"127.0.0.1"}
@@ -88,7 +103,8 @@ def test_challenge_offers_md5_and_sha256_with_one_nonce(switch) -> None:
 
 
 @pytest.mark.parametrize(("algorithm", "qop"), [("MD5", "auth"), ("SHA-256", "auth"), ("MD5", None)])
-def test_register_with_digest_binds_contact_and_source(switch, algorithm, qop) -> None:
+def test_register_with_digest_binds_contact_and_source(switch_sha256, algorithm, qop) -> None:
+    switch = switch_sha256
     clock = FakeClock()
     flow = udp(("127.0.0.1", 40000))  # the NAT-real source differs from the Contact port
     r = authed_register(switch, clock, algorithm=algorithm, qop=qop, flow=flow)
