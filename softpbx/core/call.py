@@ -2,7 +2,13 @@
 
 The call reads no SIP: legs hand it neutral events (:mod:`.events`) and it commands them.
 Legal state changes live in :data:`TRANSITIONS` beside the one :meth:`Call._set_state`, which
-logs ``old -> new`` and carries out the side effects (timers, media, the CDR).
+logs ``old -> new`` and carries out the side effects (timers, media, the CDR, the CRM events
+of :mod:`.notify`). SDP offer/answer through the relay is :mod:`.negotiation`'s.
+
+Two ways in: a call *offered* to us (an INVITE from a phone or a trunk: the ``a`` leg is the
+caller's :class:`InboundLeg`) and a call we *originate* (click-to-call: the ``a`` leg is an
+:class:`OutboundLeg` to the employee's phones with our own offer; the client is dialled
+once the employee answers).
 """
 
 from __future__ import annotations
@@ -16,13 +22,12 @@ from urllib.parse import quote
 
 from ..config.schema import Config, Gateway
 from ..media.ports import PortRangeExhausted
-from ..media.relay import RelaySession, RelaySide
+from ..media.relay import RelaySession
 from ..sip import sdp as sdpmod
 from ..sip.auth import Credentials
 from ..sip.events import Flow
 from ..sip.message import Request
-from ..sip.sdp import Direction as MediaDirection
-from ..sip.sdp import LocalOrigin, SdpError, SessionDescription
+from ..sip.sdp import SdpError
 from ..sip.stack import new_tag
 from ..sip.transaction import ServerTransaction
 from .events import (
@@ -42,8 +47,10 @@ from .events import (
     WriteCdr,
 )
 from .leg import InboundLeg, Leg, LegHost, OutboundLeg
+from .negotiation import MediaNegotiation, Started, build_offer, codec_map
+from .notify import CrmAnswer, Notifier
 from .registrar import Registrar
-from .routing import Direction, ExtensionTarget, GatewayTarget, Route, Router
+from .routing import Direction, ExtensionTarget, GatewayTarget, Route, Router, Stage
 from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.call")
@@ -65,6 +72,8 @@ class CallHost(LegHost, Protocol):
     registrar: Registrar
     relay: MediaRelay
     router: Router
+    notifier: Notifier
+    wall_offset: float
 
     def gateway(self, name: str) -> Gateway: ...
     def gateway_calls(self, name: str) -> int: ...
@@ -76,15 +85,21 @@ class CallHost(LegHost, Protocol):
 class CallState(Enum):
     """Where a call is."""
 
-    TRYING = "trying"      # routed, callee legs being placed
-    RINGING = "ringing"    # some callee is alerting
+    NEW = "new"                  # created, not started
+    OFFERED = "offered"          # inbound: waiting for the CRM's answer to NOTIFY_START
+    ORIGINATING = "originating"  # click-to-call: the employee's phones ring
+    ROUTING = "routing"          # callee legs placed, none alerting yet
+    RINGING = "ringing"          # some callee is alerting
     ANSWERED = "answered"
     ENDED = "ended"
 
 
 S = CallState
 TRANSITIONS: dict[CallState, frozenset[CallState]] = {
-    S.TRYING: frozenset({S.RINGING, S.ANSWERED, S.ENDED}),
+    S.NEW: frozenset({S.OFFERED, S.ORIGINATING, S.ROUTING, S.ENDED}),
+    S.OFFERED: frozenset({S.ROUTING, S.ENDED}),
+    S.ORIGINATING: frozenset({S.ROUTING, S.ENDED}),
+    S.ROUTING: frozenset({S.RINGING, S.ANSWERED, S.ENDED}),
     S.RINGING: frozenset({S.ANSWERED, S.ENDED}),
     S.ANSWERED: frozenset({S.ENDED}),
     S.ENDED: frozenset(),
@@ -121,21 +136,9 @@ def caller_status(status: int, *, trunk: bool) -> int:
     return 502
 
 
-@dataclass(slots=True)
-class _Renegotiation:
-    """A re-INVITE/UPDATE in progress between the two parties."""
-
-    origin: Leg | None
-    """The leg whose party offered; ``None`` for our own offer (a restore)."""
-    target: Leg
-    """The leg the offer was sent on."""
-    offer: SessionDescription | None
-    """The originator's offer, applied to the relay only once the answer is a 2xx."""
-    cancelled: bool = False
-    """The originator CANCELled its re-INVITE."""
-
-
-def _disposition(code: int) -> str:
+def disposition_of(code: int) -> str:
+    """The CRM/CDR disposition of a callee failure reported to the caller as ``code``:
+    486/600/603 ``busy``; 408/480 ``no answer``; 487 ``cancel``; the rest ``failed``."""
     if code in (486, 600, 603):
         return "busy"
     if code in (408, 480):
@@ -145,51 +148,81 @@ def _disposition(code: int) -> str:
     return "failed"
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """One reason nobody took the call: the code the caller is told, and what it means."""
+
+    code: int
+    disposition: str
+
+
+NOT_REGISTERED = Failure(480, "failed")
+"""An extension with no registered phone: the caller hears 480, the CRM sees ``failed``."""
+RING_TIMEOUT = Failure(480, "no answer")
+AT_CAPACITY = Failure(503, "failed")
+NO_ROUTE = Failure(404, "failed")
+
+
 class Call:
     """One call through the switch."""
 
-    def __init__(self, *, host: CallHost, tx: ServerTransaction, flow: Flow, route: Route, now: float,
-                 caller_number: str, caller_name: str, caller_extension: str = "",
-                 from_gateway: str = "") -> None:
+    def __init__(self, *, host: CallHost, route: Route, now: float, caller_number: str,
+                 caller_name: str, tx: ServerTransaction | None = None, flow: Flow | None = None,
+                 caller_extension: str = "", from_gateway: str = "",
+                 originate_from: str = "") -> None:
+        """An offered call (``tx``, ``flow``: the caller's INVITE), or, with
+        ``originate_from`` (the employee's extension), a call we originate."""
         self.host = host
         self.route = route
-        self.id = f"{_PREFIX[route.direction]}_{secrets.token_hex(20)}"
-        """Permanent id of the call (CDRs, CRM ``pbx_call_id``)."""
-        self.state = CallState.TRYING
+        prefix = "out" if originate_from else _PREFIX[route.direction]
+        token = secrets.token_hex(20)
+        self.id = f"{prefix}_{token}"
+        """Permanent id of the call (CDRs)."""
+        self.pbx_call_id = f"in_{token}" if prefix == "int" else self.id
+        """The id the CRM knows the call by (the spec allows only ``in_``/``out_``)."""
+        self.originated = bool(originate_from)
+        self.state = CallState.NEW
         self.timers: dict[str, int] = {}
         self.created_at = now
+        self.call_start = host.notifier.call_start(now + host.wall_offset)
+        """Wall time of the call's creation in ``global.timezone`` (CRM ``call_start``)."""
         self.answered_at: float | None = None
         self.ended_at: float | None = None
         self.caller_number = caller_number
         self.caller_name = caller_name
         self.caller_extension = caller_extension
         self.from_gateway = from_gateway
-        self.a = InboundLeg(host=host, call=self, tx=tx, flow=flow)
-        if from_gateway:
-            gw = host.gateway(from_gateway)
-            if gw.username:  # for the trunk's challenges to our BYE or re-INVITE
-                self.a.credentials = Credentials(gw.username, gw.password, gw.auth_algorithms)
+        self._leg_count = 0
+        self.a: InboundLeg | OutboundLeg
+        self.a_forks: list[OutboundLeg] = []
+        """Originated calls: the employee's phones still ringing."""
+        if tx is not None:
+            assert flow is not None
+            self.a = InboundLeg(host=host, call=self, tx=tx, flow=flow)
+            if from_gateway:
+                gw = host.gateway(from_gateway)
+                if gw.username:  # for the trunk's challenges to our BYE or re-INVITE
+                    self.a.credentials = Credentials(gw.username, gw.password,
+                                                     gw.auth_algorithms)
         self.b_legs: list[OutboundLeg] = []
         """Callee legs of the current stage still in play."""
         self.answered: OutboundLeg | None = None
         self.stage = -1
-        self._leg_count = 0
-        self._failures: list[int] = []
+        self._failures: list[Failure] = []
+        self.alerted: list[str] = []
+        """Extensions that alerted (first provisional or answer), in order: each got its
+        NOTIFY_INTERNAL."""
         self.last_rang: OutboundLeg | None = None
         self.media: RelaySession | None = None
-        self._sdp_a: SessionDescription | None = None
-        """The caller's SDP in force (its offer in the INVITE, then each re-negotiation's)."""
-        self._sdp_b: SessionDescription | None = None
-        """The callee's SDP in force (early media's, the answer's, then re-negotiations')."""
-        self._origin_a: LocalOrigin | None = None
-        self._origin_b: LocalOrigin | None = None
-        self._pending: _Renegotiation | None = None
+        self.neg: MediaNegotiation | None = None
         self._silent_since = {"a": 0.0, "b": 0.0}
         """Per side, when it last started being expected to send RTP (answer, resume): the
         RTP timeout counts from there when the relay saw nothing later."""
         self._recorded = False
         self._gateway_used = ""
         """The gateway of the latest trunk leg tried (the CDR of a failed outbound call)."""
+        self._events = False
+        """Whether this call produces CRM events (inbound, outbound, internal when asked)."""
         self.on_hold = False
         self.cause = ""
         self.sip_code = 0
@@ -197,47 +230,128 @@ class Call:
 
     # -- start --------------------------------------------------------------------------------
     def start(self, now: float) -> None:
-        """Open the media relay, send the callee legs of the first stage."""
+        """Offered call: open the relay, tell the CRM (and wait for its answer when it has
+        a say), then ring the first stage."""
+        assert isinstance(self.a, InboundLeg)
         offer = self.a.initial_sdp
         if offer is None:
             self._end(now, 488, "no SDP offer in the INVITE (late offer is not supported)")
             return
         try:
-            self._sdp_a = sdpmod.parse_sdp(offer)
-            if not any(m.is_rtp for m in self._sdp_a.media):
+            sdp = sdpmod.parse_sdp(offer)
+            if not any(m.is_rtp for m in sdp.media):
                 raise SdpError("no RTP media in the offer")
         except SdpError as exc:
             self._end(now, 488, f"bad SDP offer: {exc}")
             return
+        if not self._open_media(now):
+            return
+        assert self.neg is not None
+        self.neg.set_a(sdp)
+        self._schedule_max_duration(now)
+        direction = self.route.direction
+        crm = self.host.config.crm
+        self._events = (direction is not Direction.INTERNAL) or crm.internal_calls
+        if direction is Direction.INBOUND:
+            notifier = self.host.notifier
+            if notifier.start(self, self.route.dialled, wait=True):
+                self._set_state(CallState.OFFERED, now)
+                self.host.timers.schedule(self, "crm_wait", now + crm.answer_timeout_ms / 1000)
+                return
+        self._route(now)
+
+    def originate(self, bindings: list, now: float, *, caller_name: str = "",
+                  auto_answer: bool = False) -> bool:
+        """Click-to-call: ring every phone of the employee (``bindings``) with our own
+        offer, showing the client's number (``route.dialled``) and ``caller_name``."""
+        if not self._open_media(now):
+            return False
+        assert self.neg is not None
+        self._events = True
+        offer = self.neg.offer_for_a(build_offer(self.host.config.media.codecs))
+        domain = self.host.config.global_.domain
+        number = _user(self.route.dialled)
+        extra = []
+        if auto_answer:  # desk phones' two dialects of "answer at once"
+            extra = [("Call-Info", f"<sip:{domain}>;answer-after=0"),
+                     ("Alert-Info", "<http://127.0.0.1>;info=alert-autoanswer")]
+        for b in bindings:
+            leg = self._make_leg(flow=b.flow, ruri=b.contact,
+                                 to=f"<sip:{self.caller_extension}@{domain}>", credentials=None,
+                                 caller=(number, caller_name), body=offer, extra=extra,
+                                 label="a")
+            leg.extension = self.caller_extension
+            self.a_forks.append(leg)
+        self.a = self.a_forks[0]
+        self._set_state(CallState.ORIGINATING, now)
+        timeout = getattr(self.host.config.crm, "click_to_call_ring_s", 30)
+        self.host.timers.schedule(self, "employee_no_answer", now + timeout)
+        for leg in self.a_forks:
+            leg.start(now)
+        return True
+
+    def _open_media(self, now: float) -> bool:
         try:
             self.media = self.host.relay.open_session()
         except (PortRangeExhausted, OSError) as exc:
-            self._end(now, 503, f"no media ports: {exc}")
-            return
-        ip = self.host.relay.advertised_ip
-        sid = secrets.randbelow(2**62)
-        self._origin_a = LocalOrigin(session_id=sid, address=ip)
-        self._origin_b = LocalOrigin(session_id=sid + 1, address=ip)
-        self._set_remote(self.media.a, self._sdp_a)
+            if self.originated:  # nothing started yet: the switch refuses the request
+                log.error("call %s: no media ports: %s", self.id, exc)
+            else:
+                self._end(now, 503, f"no media ports: {exc}")
+            return False
+        self.neg = MediaNegotiation(media=self.media, advertised_ip=self.host.relay.advertised_ip)
+        return True
+
+    def _schedule_max_duration(self, now: float) -> None:
         max_duration = self.host.config.calls.max_duration
         if max_duration:
             self.host.timers.schedule(self, "max_duration", now + max_duration)
-        self._next_stage(now)
 
-    def _rewrite_for(self, side: RelaySide, sdp: SessionDescription, origin: LocalOrigin) -> bytes:
-        ip = self.host.relay.advertised_ip
-        relayed = _first_rtp(sdp)  # only the first RTP stream is relayed; the rest get port 0
-        addrs = [(ip, side.rtp_port if i == relayed else 0) for i in range(len(sdp.media))]
-        out = sdpmod.rewrite(sdp, addrs, drop_attributes=sdpmod.ICE_ATTRIBUTES)
-        return origin.stamp(out).to_bytes()
-
-    @staticmethod
-    def _set_remote(side: RelaySide, sdp: SessionDescription) -> None:
-        idx = _first_rtp(sdp)
-        if idx is None:
-            side.set_remote(None)
+    # -- the CRM's answer ---------------------------------------------------------------------
+    def on_crm_answer(self, answer: CrmAnswer, now: float) -> None:
+        """The CRM answered NOTIFY_START (or the attempt failed): apply it and route. An
+        answer after the deadline (the call already routed) changes nothing."""
+        if self.state is not CallState.OFFERED:
+            log.info("call %s: late CRM answer ignored", self.id)
             return
-        side.set_remote(sdpmod.media_address(sdp, idx), sdpmod.rtcp_address(sdp, idx))
+        TimerQueue.cancel(self, "crm_wait")
+        if answer.problem:
+            log.warning("call %s: CRM answer not used (%s); routing normally", self.id,
+                        answer.problem)
+        if answer.caller_name:
+            self.caller_name = answer.caller_name
+        if answer.hangup:
+            log.info("call %s: the CRM rejected the call", self.id)
+            self._end(now, 486, "rejected by the CRM", disposition="busy")
+            return
+        if answer.redirect:
+            stages = self.host.router.redirect_stages(answer.redirect, answer.return_timeout)
+            if stages is None:
+                log.warning("call %s: CRM redirect to unknown %r; routing normally", self.id,
+                            answer.redirect)
+            elif not self._reachable(stages):
+                log.warning("call %s: CRM redirect to %r, which has no registered phone; "
+                            "routing normally", self.id, answer.redirect)
+            else:
+                log.info("call %s: redirected by the CRM to %s", self.id, answer.redirect)
+                rest = self.route.stages if answer.return_timeout else ()
+                self.route = _with_stages(self.route, (*stages, *rest))
+        self._route(now)
+
+    def _reachable(self, stages: tuple[Stage, ...]) -> bool:
+        now_lookup = self.host.registrar.lookup
+        for stage in stages:
+            for t in stage.targets:
+                if not isinstance(t, ExtensionTarget) or now_lookup(t.extension, self.created_at):
+                    return True
+        return False
+
+    def _route(self, now: float) -> None:
+        """Ring the route's first stage that has somebody to ring."""
+        self._set_state(CallState.ROUTING, now)
+        if not self.route.stages:
+            self._failures.append(NO_ROUTE)
+        self._next_stage(now)
 
     # -- stages and callee legs ---------------------------------------------------------------
     def _next_stage(self, now: float) -> None:
@@ -260,7 +374,7 @@ class Call:
         if isinstance(target, ExtensionTarget):
             bindings = self.host.registrar.lookup(target.extension, now)
             if not bindings:
-                self._failures.append(480)  # not registered
+                self._failures.append(NOT_REGISTERED)
                 return []
             legs = []
             for b in bindings:
@@ -274,7 +388,7 @@ class Call:
         self._gateway_used = gw.name
         if gw.max_calls and self.host.gateway_calls(gw.name) >= gw.max_calls:
             log.warning("gateway %s is at its %d-call limit", gw.name, gw.max_calls)
-            self._failures.append(503)
+            self._failures.append(AT_CAPACITY)
             return []
         flow = self.host.gateway_flow(gw)
         host = gw.realm or gw.proxy
@@ -291,9 +405,12 @@ class Call:
 
     def _make_leg(self, *, flow: Flow, ruri: str, to: str, credentials: Credentials | None,
                   caller: tuple[str, str] | None = None, host: str | None = None,
-                  account: str | None = None) -> OutboundLeg:
+                  account: str | None = None, body: bytes | None = None,
+                  extra: list[tuple[str, str]] | None = None,
+                  label: str = "b") -> OutboundLeg:
         """``account``: the From user is this trunk account, and the caller ID goes in
-        ``P-Asserted-Identity`` (RFC 3325; a gateway with ``caller_id_in_from = false``)."""
+        ``P-Asserted-Identity`` (RFC 3325; a gateway with ``caller_id_in_from = false``).
+        ``body``: the SDP offered (default: the ``a`` party's, rewritten for side B)."""
         self._leg_count += 1
         number, name = caller if caller is not None else (self.caller_number, self.caller_name)
         number = _user(number or self.caller_number or "anonymous")
@@ -303,9 +420,11 @@ class Call:
         if account is not None:
             identity = [("P-Asserted-Identity", f"{disp}<sip:{number}@{from_host}>")]
             number = _user(account)
-        assert self._sdp_a is not None and self.media is not None and self._origin_b is not None
-        body = self._rewrite_for(self.media.b, self._sdp_a, self._origin_b)
-        mf = self.a.request.max_forwards
+        if body is None:
+            assert self.neg is not None
+            body = self.neg.offer_for_b()
+        mf = getattr(self.a, "request", None)
+        mf = mf.max_forwards if isinstance(mf, Request) and not self.originated else None
         headers = [
             ("Max-Forwards", str(max(0, (mf if mf is not None else 70) - 1))),
             ("From", f"{disp}<sip:{number}@{from_host}>;tag={new_tag()}"),
@@ -314,19 +433,24 @@ class Call:
             ("CSeq", "1 INVITE"),
             ("Contact", self.host.contact_for(flow)),
             *identity,
+            *(extra or ()),
             ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"),
             ("Content-Type", "application/sdp"),
             ("Content-Length", str(len(body))),
         ]
         req = Request("INVITE", ruri, headers, body)
-        return OutboundLeg(host=self.host, call=self, flow=flow, label=f"b{self._leg_count}",
-                           request=req, credentials=credentials)
+        return OutboundLeg(host=self.host, call=self, flow=flow,
+                           label=f"{label}{self._leg_count}", request=req,
+                           credentials=credentials)
 
     def _give_up(self, now: float) -> None:
-        code = next((c for c in _FAIL_ORDER if c in self._failures), None)
+        codes = [f.code for f in self._failures]
+        code = next((c for c in _FAIL_ORDER if c in codes), None)
         if code is None:
-            code = self._failures[0] if self._failures else 480
-        self._end(now, code, f"no callee answered ({code})")
+            code = codes[0] if codes else 480
+        disposition = next((f.disposition for f in self._failures if f.code == code),
+                           disposition_of(code))
+        self._end(now, code, f"no callee answered ({code})", disposition=disposition)
 
     # -- events from legs ---------------------------------------------------------------------
     def handle(self, event: LegEvent, now: float) -> None:
@@ -334,22 +458,30 @@ class Call:
         if self.state is CallState.ENDED:
             return
         leg = event.leg
+        if self.state is CallState.ORIGINATING and leg in self.a_forks:
+            self._employee_event(event, now)
+            return
         if isinstance(event, LegRinging):
             if leg in self.b_legs:
                 self.last_rang = leg  # type: ignore[assignment]
+                self._alerting(leg, now)
                 sdp_out = None
                 if event.sdp:
-                    sdp_out = self._callee_answer(event.sdp)
-                self.a.ring(sdp_out, now)
-                if self.state is CallState.TRYING:
+                    assert self.neg is not None
+                    sdp_out = self.neg.callee_answer(event.sdp, self.id)
+                if isinstance(self.a, InboundLeg):
+                    self.a.ring(sdp_out, now)
+                if self.state is CallState.ROUTING:
                     self._set_state(CallState.RINGING, now)
         elif isinstance(event, LegAnswered):
             if leg in self.b_legs:
+                self._alerting(leg, now)
                 self._on_answer(leg, event.sdp, now)  # type: ignore[arg-type]
         elif isinstance(event, LegFailed):
             if leg in self.b_legs:
                 self.b_legs.remove(leg)  # type: ignore[arg-type]
-                self._failures.append(caller_status(event.status, trunk=bool(leg.gateway)))
+                code = caller_status(event.status, trunk=bool(leg.gateway))
+                self._failures.append(Failure(code, disposition_of(code)))
                 if 600 <= event.status < 700:
                     # A global failure (RFC 3261 §16.7 step 5 spirit): the callee said no
                     # for all its phones; the others of the stage stop ringing.
@@ -361,57 +493,103 @@ class Call:
                     self._next_stage(now)
         elif isinstance(event, LegHungUp):
             self._on_hangup(leg, event.cause, now)
-        elif isinstance(event, LegOffer):
-            self._on_offer(leg, event.sdp, now)
+        elif self.neg is not None and self.answered is not None:
+            self._renegotiation_event(event, now)
+
+    def _renegotiation_event(self, event: LegEvent, now: float) -> None:
+        neg, leg = self.neg, event.leg
+        assert neg is not None and self.answered is not None
+        is_a = leg is self.a
+        started: Started | None = None
+        if isinstance(event, LegOffer):
+            if self.state is not CallState.ANSWERED:
+                leg.answer_offer(491, None, now)
+                return
+            neg.on_offer(leg, self.answered if is_a else self.a, is_a, event.sdp, now)
         elif isinstance(event, LegOfferAnswered):
-            self._on_offer_answered(leg, event.status, event.sdp, now)
+            started = neg.on_offer_answered(leg, is_a, event.status, event.sdp, now, self.id)
         elif isinstance(event, LegOfferCancelled):
-            self._on_offer_cancelled(leg, now)
-        elif isinstance(event, LegRefreshAnswered):
-            self._on_refresh_answered(leg, event.sdp, now)
+            neg.on_offer_cancelled(leg, now)
+        elif isinstance(event, LegRefreshAnswered) and self.state is CallState.ANSWERED:
+            started = neg.on_refresh_answered(is_a, event.sdp, leg.label, self.id)
+        if started is not None:
+            self._adopted(started, now)
+
+    def _alerting(self, leg: Leg, now: float) -> None:
+        """The one place that knows an extension alerted: its NOTIFY_INTERNAL, once per
+        extension and call (two phones of one extension are one event)."""
+        ext = leg.extension
+        if not ext or ext in self.alerted:
+            return
+        self.alerted.append(ext)
+        if self._events and not self.originated and self.route.direction is not Direction.OUTBOUND:
+            self.host.notifier.internal(self, self.route.dialled, ext)
+
+    def _employee_event(self, event: LegEvent, now: float) -> None:
+        """Click-to-call: what the employee's phones do before one answers."""
+        leg = event.leg
+        if isinstance(event, LegAnswered):
+            self._employee_answered(leg, event.sdp, now)  # type: ignore[arg-type]
+        elif isinstance(event, LegFailed):
+            self.a_forks.remove(leg)  # type: ignore[arg-type]
+            code = caller_status(event.status, trunk=False)
+            self._failures.append(Failure(code, disposition_of(code)))
+            if not self.a_forks or 600 <= event.status < 700:
+                for other in self.a_forks:
+                    other.cancel(now)
+                self.a_forks = []
+                self._give_up(now)
+
+    def _employee_answered(self, leg: OutboundLeg, raw: bytes | None, now: float) -> None:
+        assert self.neg is not None
+        for other in self.a_forks:
+            if other is not leg:
+                other.cancel(now, answered_elsewhere=True)
+        self.a_forks = []
+        self.a = leg
+        TimerQueue.cancel(self, "employee_no_answer")
+        try:
+            answer = sdpmod.parse_sdp(raw or b"")
+            if not any(m.is_rtp and m.port for m in answer.media):
+                raise SdpError("no RTP media")
+        except SdpError as exc:
+            leg.hangup(now)
+            self._end(now, 488, f"employee's phone answered without usable SDP: {exc}")
+            return
+        self.neg.set_a(answer)
+        self._failures = []
+        self._schedule_max_duration(now)
+        log.info("call %s: employee %s answered; dialling %s", self.id, self.caller_extension,
+                 self.route.dialled)
+        self._route(now)
 
     @property
     def recorded(self) -> bool:
         """Whether this call is recorded: decided at the answer (:meth:`Router.records`)."""
         return self._recorded
 
-    @property
-    def _codecs(self) -> dict[int, str]:
-        """Payload types of the negotiated SDP (the callee's over the caller's), for the
-        recorder: both sides' maps merged (:class:`RecordingCodecs` has them per side)."""
-        out = _codec_map(self._sdp_a)
-        out.update(_codec_map(self._sdp_b))
-        return out
-
     def _recording_codecs(self) -> RecordingCodecs:
         # RFC 3264 §5.1/§6.1: each party sends with the payload types of the other's SDP.
-        return RecordingCodecs(self.id, caller=_codec_map(self._sdp_b),
-                               callee=_codec_map(self._sdp_a))
-
-    def _callee_answer(self, raw: bytes) -> bytes | None:
-        """The callee's SDP, remembered for the relay and rewritten for the caller."""
-        assert self.media is not None and self._origin_a is not None
-        try:
-            answer = sdpmod.parse_sdp(raw)
-        except SdpError as exc:
-            log.warning("call %s: bad SDP from callee: %s", self.id, exc)
-            return None
-        self._sdp_b = answer
-        self._set_remote(self.media.b, answer)
-        return self._rewrite_for(self.media.a, answer, self._origin_a)
+        assert self.neg is not None
+        return RecordingCodecs(self.id, caller=codec_map(self.neg.sdp_b),
+                               callee=codec_map(self.neg.sdp_a))
 
     def _on_answer(self, leg: OutboundLeg, raw: bytes | None, now: float) -> None:
+        assert self.neg is not None
         self.answered = leg
         for other in self.b_legs:
             if other is not leg:
                 other.cancel(now, answered_elsewhere=True)
         self.b_legs = [leg]
-        sdp_out = self._callee_answer(raw) if raw else None
+        sdp_out = self.neg.callee_answer(raw, self.id) if raw else None
         if sdp_out is None:
             leg.hangup(now)
             self._end(now, 488, "callee answered without usable SDP")
             return
-        self.a.answer(sdp_out, now)
+        if isinstance(self.a, InboundLeg):
+            self.a.answer(sdp_out, now)
+        # An originated call's employee keeps the session it answered: the callee was offered
+        # what the employee chose, so both talk the same codec through the relay.
         self._set_state(CallState.ANSWERED, now)
 
     def _on_hangup(self, leg: Leg, cause: str, now: float) -> None:
@@ -421,135 +599,40 @@ class Call:
             if self.state is CallState.ANSWERED:
                 self._end(now, 200, cause)
             else:
-                self._end(now, 487, cause)
+                self._end(now, 487, cause, disposition="cancel")
         elif leg is self.answered:
             self.a.hangup(now)
             self._end(now, 200, cause)
 
-    def _on_offer(self, leg: Leg, raw: bytes | None, now: float) -> None:
-        """Hold/resume and other re-negotiation: pass it to the other party through the relay.
-        Nothing changes on the relay until the answer is a 2xx (a 488/491 leaves the
-        session as it was, RFC 3264 §8)."""
-        if (self.state is not CallState.ANSWERED or self.answered is None or self.media is None
-                or self._pending is not None):
-            leg.answer_offer(491, None, now)
-            return
-        if not raw:  # legs answer re-INVITEs and UPDATEs without SDP themselves
-            leg.answer_offer(488, None, now)
-            return
-        try:
-            offer = sdpmod.parse_sdp(raw)
-        except SdpError:
-            leg.answer_offer(488, None, now)
-            return
-        other: Leg = self.answered if leg is self.a else self.a
-        other_side, origin = self._facing(other)
-        self._pending = _Renegotiation(origin=leg, target=other, offer=offer)
-        other.offer(self._rewrite_for(other_side, offer, origin), now)
-
-    def _on_offer_answered(self, leg: Leg, status: int, raw: bytes | None, now: float) -> None:
-        p = self._pending
-        if p is None or p.target is not leg or self.media is None:
-            return
-        self._pending = None
-        answer = None
-        if 200 <= status < 300 and raw:
-            try:
-                answer = sdpmod.parse_sdp(raw)
-            except SdpError:
-                log.warning("call %s: bad SDP in the answer of %s", self.id, leg.label)
-        if p.cancelled or p.origin is None:
-            # Nobody waits for this answer. The answering party now has the session it
-            # accepted; after a withdrawn offer, it is offered back the one its peer kept.
-            if answer is not None:
-                self._adopt({leg: answer}, now)
-            if p.cancelled and 200 <= status < 300:
-                self._restore(leg, now)
-            return
-        origin_leg = p.origin
-        if answer is None:
-            origin_leg.answer_offer(status if status >= 300 else 488, None, now)
-            return
-        assert p.offer is not None
-        self._adopt({origin_leg: p.offer, leg: answer}, now)
-        origin_side, origin = self._facing(origin_leg)
-        origin_leg.answer_offer(200, self._rewrite_for(origin_side, answer, origin), now)
-
-    def _facing(self, leg: Leg) -> tuple[RelaySide, LocalOrigin]:
-        """The relay side and our SDP origin that ``leg``'s party sees."""
-        assert self.media is not None and self._origin_a is not None
-        assert self._origin_b is not None
-        if leg is self.a:
-            return self.media.a, self._origin_a
-        return self.media.b, self._origin_b
-
-    def _on_offer_cancelled(self, leg: Leg, now: float) -> None:
-        """The originator withdrew its re-INVITE: withdraw ours; its relay address was
-        never applied, and an answer that still comes is not passed on."""
-        p = self._pending
-        if p is None or p.origin is not leg:
-            return
-        p.cancelled = True
-        p.target.cancel_offer(now)
-
-    def _restore(self, leg: Leg, now: float) -> None:
-        """Offer ``leg``'s party the session its peer still has (after a 2xx that crossed
-        the CANCEL of the offer it answered), so that the two agree again."""
-        peer_sdp = self._sdp_b if leg is self.a else self._sdp_a
-        if self.media is None or peer_sdp is None:
-            return
-        side, origin = self._facing(leg)
-        self._pending = _Renegotiation(origin=None, target=leg, offer=None)
-        leg.offer(self._rewrite_for(side, peer_sdp, origin), now)
-
-    def _on_refresh_answered(self, leg: Leg, raw: bytes, now: float) -> None:
-        """The answer, in an ACK, to the SDP a leg offered back on a session refresh."""
-        if self.state is not CallState.ANSWERED or self.media is None:
-            return
-        current = self._sdp_a if leg is self.a else self._sdp_b
-        if current is not None and current.to_bytes() == raw:
-            return  # the usual case: nothing changed
-        try:
-            sdp = sdpmod.parse_sdp(raw)
-        except SdpError:
-            log.warning("call %s: bad SDP in the ACK of %s; ignored", self.id, leg.label)
-            return
-        self._adopt({leg: sdp}, now)
-
-    def _adopt(self, sdps: dict[Leg, SessionDescription], now: float) -> None:
-        """New SDP in force for one or both parties: the relay sends there, the RTP timeout
-        re-starts for a side that starts sending again, the recorder hears of the codecs."""
-        assert self.media is not None
-        before = self._sending()
-        for leg, sdp in sdps.items():
-            if leg is self.a:
-                self._sdp_a = sdp
-                self._set_remote(self.media.a, sdp)
-            else:
-                self._sdp_b = sdp
-                self._set_remote(self.media.b, sdp)
-        after = self._sending()
-        for key in ("a", "b"):
-            if after[key] and not before[key]:
-                self._silent_since[key] = now
-        self.on_hold = any(sdp is not None and sdpmod.is_hold(sdp)
-                           for sdp in (self._sdp_a, self._sdp_b))
+    def _adopted(self, started: Started, now: float) -> None:
+        """New SDP is in force: the RTP timeout re-starts for a side that starts sending
+        again, hold is re-read, the recorder hears of the codecs."""
+        assert self.neg is not None
+        for key in started:
+            self._silent_since[key] = now
+        self.on_hold = self.neg.on_hold()
         if self._recorded:
             self.host.call_action(self._recording_codecs())
-
-    def _sending(self) -> dict[str, bool]:
-        return {"a": _sends(self._sdp_a, self._sdp_b), "b": _sends(self._sdp_b, self._sdp_a)}
 
     # -- timers -------------------------------------------------------------------------------
     def on_timer(self, name: str, now: float) -> None:
         """A timer of this call fired."""
         if self.state is CallState.ENDED:
             return
-        if name == "no_answer" and self.state is not CallState.ANSWERED:
+        if name == "crm_wait" and self.state is CallState.OFFERED:
+            log.warning("call %s: no CRM answer within %d ms; routing normally", self.id,
+                        self.host.config.crm.answer_timeout_ms)
+            self._route(now)
+        elif name == "employee_no_answer" and self.state is CallState.ORIGINATING:
+            for leg in self.a_forks:
+                leg.cancel(now)
+            self.a_forks = []
+            self._end(now, 480, "the employee did not answer", disposition="no answer")
+        elif name == "no_answer" and self.state in (CallState.ROUTING, CallState.RINGING):
             for b in self.b_legs:
                 b.cancel(now)
             self.b_legs = []
-            self._failures.append(480)
+            self._failures.append(RING_TIMEOUT)
             self._next_stage(now)
         elif name == "max_duration":
             self._hangup_all(now, "maximum call duration reached", unanswered=408)
@@ -575,8 +658,8 @@ class Call:
         the answer, or from when the side was last expected to start sending again (a
         resume), whichever the relay saw last.
         """
-        assert self.media is not None
-        sending = self._sending()
+        assert self.media is not None and self.neg is not None
+        sending = self.neg.sending()
         for key, side, who in (("a", self.media.a, "caller"), ("b", self.media.b, "callee")):
             if sending[key] and now - max(side.last_rx_at, self._silent_since[key]) > timeout:
                 return who
@@ -587,12 +670,16 @@ class Call:
         caller of an unanswered call; the CDR is written."""
         self._hangup_all(now, "switch shut down", unanswered=487, disposition="failed")
 
+    def hang_up(self, now: float, cause: str = "hung up by the operator") -> None:
+        """End the call from our side (the API's hang-up)."""
+        self._hangup_all(now, cause, unanswered=480, disposition="failed")
+
     def _hangup_all(self, now: float, cause: str, *, unanswered: int,
                     disposition: str | None = None) -> None:
         """End the call from our side: ``unanswered`` is what a caller still waiting hears."""
-        for b in self.b_legs:
+        for b in (*self.b_legs, *self.a_forks):
             b.hangup(now)
-        if self.state is CallState.ANSWERED:
+        if self.state is CallState.ANSWERED or self.originated:
             self.a.hangup(now)
         self._end(now, 200 if self.state is CallState.ANSWERED else unanswered, cause,
                   disposition=disposition)
@@ -604,56 +691,93 @@ class Call:
             raise RuntimeError(f"call {old.value} -> {new.value} is not a legal transition")
         self.state = new
         log.info("call %s %s -> %s", self.id, old.value, new.value)
-        timers = self.host.timers
-        if new is CallState.ANSWERED:
-            self.answered_at = now
-            self._silent_since = {"a": now, "b": now}
-            timers.cancel(self, "no_answer")
-            timeout = self.host.config.media.rtp_timeout
-            if timeout:
-                timers.schedule(self, "rtp_check", now + min(timeout, 5.0))
-            answered = self.answered
-            self._recorded = self.host.router.records(
-                self.route, extensions=(self.caller_extension,
-                                        answered.extension if answered else ""),
-                gateways=(self.from_gateway, answered.gateway if answered else ""))
-            if self._recorded and self.media is not None:
-                self.host.call_action(StartRecording(self.id, self.media, self._codecs, now))
-                self.host.call_action(self._recording_codecs())
+        if new is CallState.ROUTING:
+            if self._events and (self.originated or self.route.direction is Direction.OUTBOUND):
+                self.host.notifier.out_start(self, self._outbound_caller_id(),
+                                             self.caller_extension, self.route.dialled)
+        elif new is CallState.ANSWERED:
+            self._on_answered(now)
         elif new is CallState.ENDED:
-            self.ended_at = now
-            self.timers.clear()
-            if old is CallState.ANSWERED and self._recorded:
-                self.host.call_action(StopRecording(self.id, now))
-            if self.media is not None:
-                self.host.relay.close_session(self.media)
-            answered_leg = self.answered
-            rec = CallRecord(
-                call_id=self.id, sip_call_id=self.a.request.call_id,
-                direction=self.route.direction.value, caller=self.caller_number,
-                callee=self.route.dialled,
-                did=self.route.dialled if self.route.direction is Direction.INBOUND else "",
-                extension=(answered_leg.extension if answered_leg else
-                           (self.last_rang.extension if self.last_rang else "")),
-                gateway=(self.from_gateway or (answered_leg.gateway if answered_leg else "")
-                         or self._gateway_used),
-                started_at=self.created_at, answered_at=self.answered_at, ended_at=now,
-                disposition=self.disposition, sip_code=self.sip_code, cause=self.cause,
-                caller_extension=self.caller_extension)
-            self.host.call_ended(self, WriteCdr(rec))
-            self._release()
+            self._on_ended(old, now)
+
+    def _outbound_caller_id(self) -> str:
+        """The outside caller ID of an outbound call (the dial rule's or extension's), "" for
+        none (the CRM then gets ``0``)."""
+        for stage in self.route.stages:
+            for t in stage.targets:
+                if isinstance(t, GatewayTarget):
+                    return t.caller_id_number
+        return ""
+
+    def _on_answered(self, now: float) -> None:
+        timers = self.host.timers
+        self.answered_at = now
+        self._silent_since = {"a": now, "b": now}
+        timers.cancel(self, "no_answer")
+        timeout = self.host.config.media.rtp_timeout
+        if timeout:
+            timers.schedule(self, "rtp_check", now + min(timeout, 5.0))
+        answered = self.answered
+        self._recorded = self.host.router.records(
+            self.route, extensions=(self.caller_extension,
+                                    answered.extension if answered else ""),
+            gateways=(self.from_gateway, answered.gateway if answered else ""))
+        if self._recorded and self.media is not None and self.neg is not None:
+            self.host.call_action(StartRecording(self.id, self.media, self.neg.codecs(), now))
+            self.host.call_action(self._recording_codecs())
+
+    def _on_ended(self, old: CallState, now: float) -> None:
+        self.ended_at = now
+        self.timers.clear()
+        if old is CallState.ANSWERED and self._recorded:
+            self.host.call_action(StopRecording(self.id, now))
+        if self.media is not None:
+            self.host.relay.close_session(self.media)
+        answered_leg = self.answered
+        extension = (answered_leg.extension if answered_leg else
+                     (self.alerted[-1] if self.alerted else
+                      (self.last_rang.extension if self.last_rang else "")))
+        inbound = self.route.direction is Direction.INBOUND
+        rec = CallRecord(
+            call_id=self.id, sip_call_id=self.a.request.call_id,
+            direction=self.route.direction.value, caller=self.caller_number,
+            callee=self.route.dialled, did=self.route.dialled if inbound else "",
+            extension=extension,
+            gateway=(self.from_gateway or (answered_leg.gateway if answered_leg else "")
+                     or self._gateway_used),
+            started_at=self.created_at, answered_at=self.answered_at, ended_at=now,
+            disposition=self.disposition, sip_code=self.sip_code, cause=self.cause,
+            caller_extension=self.caller_extension, pbx_call_id=self.pbx_call_id)
+        if self._events:
+            notifier = self.host.notifier
+            if self.originated or self.route.direction is Direction.OUTBOUND:
+                notifier.out_end(self, self._outbound_caller_id(), self.caller_extension,
+                                 self.route.dialled, duration=rec.duration,
+                                 disposition=self.disposition, sip_code=self.sip_code,
+                                 recorded=self._recorded)
+            else:
+                # Only extensions that alerted count as rung for the CRM ("omitted when
+                # none rang"); a forwarded-out DID names none.
+                ext = answered_leg.extension if answered_leg else (
+                    self.alerted[-1] if self.alerted else "")
+                notifier.end(self, self.route.dialled, ext, duration=rec.duration,
+                             disposition=self.disposition, sip_code=self.sip_code,
+                             recorded=self._recorded)
+        self.host.call_ended(self, WriteCdr(rec))
+        self._release()
 
     def _release(self) -> None:
         """Let go of what a finished call no longer needs. Its legs may live on for a few
         seconds in transactions that still absorb retransmissions; they must not keep the
         call, its SDP and its media alive (nor leave cycles for the garbage collector)."""
-        for leg in (self.a, *self.b_legs, *([self.answered] if self.answered else [])):
+        legs = [self.a, *self.b_legs, *self.a_forks, *([self.answered] if self.answered else [])]
+        for leg in legs:
             leg.call = _ENDED
             leg.request.shrink()
         self.b_legs = []
+        self.a_forks = []
         self.media = None
-        self._sdp_a = self._sdp_b = None
-        self._pending = None
+        self.neg = None
 
     def _end(self, now: float, code: int, cause: str, *, disposition: str | None = None) -> None:
         """Finish the call: answer the caller if it is still waiting, write the CDR (with
@@ -665,15 +789,21 @@ class Call:
             self.disposition = "answered"
         else:
             code = code if code >= 300 else 480
-            self.disposition = disposition or ("cancel" if "cancel" in cause
-                                               else _disposition(code))
-            self.a.reject(code, None, now)
+            self.disposition = disposition or disposition_of(code)
+            if isinstance(self.a, InboundLeg):
+                self.a.reject(code, None, now)
+            elif hasattr(self, "a"):
+                self.a.hangup(now)  # the employee of a click-to-call that did not connect
         self.sip_code = code
         log.info("call %s ended: %s (%d, %s)", self.id, self.disposition, code, cause)
         self._set_state(CallState.ENDED, now)
 
 
 _PREFIX = {Direction.INBOUND: "in", Direction.OUTBOUND: "out", Direction.INTERNAL: "int"}
+
+
+def _with_stages(route: Route, stages: tuple[Stage, ...]) -> Route:
+    return Route(route.direction, stages, route.dialled, record=route.record, rule=route.rule)
 
 
 class _EndedCall:
@@ -686,32 +816,6 @@ class _EndedCall:
 _ENDED = _EndedCall()
 
 
-def _first_rtp(sdp: SessionDescription) -> int | None:
-    return next((i for i, m in enumerate(sdp.media) if m.is_rtp and m.port), None)
-
-
-def _codec_map(sdp: SessionDescription | None) -> dict[int, str]:
-    """Payload type -> encoding of the first RTP stream (the one relayed)."""
-    if sdp is None:
-        return {}
-    i = _first_rtp(sdp)
-    return {} if i is None else {c.payload_type: c.encoding for c in sdp.media[i].codecs()}
-
-
-def _sends(own: SessionDescription | None, peer: SessionDescription | None) -> bool:
-    """Whether the party whose SDP is ``own`` is expected to send RTP to the party whose SDP
-    is ``peer`` (see :meth:`Call._silent_side`)."""
-    if own is None or peer is None:
-        return False
-    i, j = _first_rtp(own), _first_rtp(peer)
-    if i is None or j is None:
-        return False
-    if sdpmod.media_address(own, i) is None or sdpmod.media_address(peer, j) is None:
-        return False
-    sendrecv = MediaDirection.SENDRECV
-    return sdpmod.direction(own, i) is sendrecv and sdpmod.direction(peer, j) is sendrecv
-
-
 def _user(text: str) -> str:
     """``text`` as a SIP URI user part (RFC 3261 §25.1 ``user``): a number as a trunk sent it
     may hold characters (an unescaped ``@``, a space) that would break the URI we build."""
@@ -719,4 +823,7 @@ def _user(text: str) -> str:
 
 
 def _quote(text: str) -> str:
+    """``text`` inside a quoted-string (RFC 3261 §25.1: ``quoted-pair`` for ``"`` and ``\\``;
+    control characters cannot be quoted at all and are dropped)."""
+    text = "".join(ch for ch in text if ch >= " " and ch != "\x7f")
     return text.replace("\\", "\\\\").replace('"', '\\"')

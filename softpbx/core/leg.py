@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..sip.auth import Credentials, answer_challenge
 from ..sip.dialog import Dialog
@@ -34,8 +34,12 @@ from .events import (
 )
 from .timers import TimerQueue
 
-if TYPE_CHECKING:
-    from .call import Call
+
+
+class LegOwner(Protocol):
+    """What a leg reports to (a :class:`~.call.Call`; a finished call's stand-in)."""
+
+    def handle(self, event: LegEvent, now: float) -> None: ...
 
 log = logging.getLogger("softpbx.leg")
 
@@ -91,7 +95,7 @@ class LegState(Enum):
 class Leg:
     """Common part of both leg kinds."""
 
-    def __init__(self, *, host: LegHost, call: Call, flow: Flow, label: str) -> None:
+    def __init__(self, *, host: LegHost, call: LegOwner, flow: Flow, label: str) -> None:
         self.host = host
         self.call = call
         self.flow = flow
@@ -371,7 +375,7 @@ class Leg:
 class InboundLeg(Leg):
     """The caller's leg: softpbx is the UAS of its INVITE."""
 
-    def __init__(self, *, host: LegHost, call: Call, tx: ServerTransaction, flow: Flow) -> None:
+    def __init__(self, *, host: LegHost, call: LegOwner, tx: ServerTransaction, flow: Flow) -> None:
         super().__init__(host=host, call=call, flow=flow, label="a")
         self.tx = tx
         tx.user_data = self
@@ -450,7 +454,7 @@ class InboundLeg(Leg):
 class OutboundLeg(Leg):
     """A leg softpbx places: the UAC of an INVITE to a phone binding or a trunk."""
 
-    def __init__(self, *, host: LegHost, call: Call, flow: Flow, label: str, request: Request,
+    def __init__(self, *, host: LegHost, call: LegOwner, flow: Flow, label: str, request: Request,
                  credentials: Credentials | None = None) -> None:
         super().__init__(host=host, call=call, flow=flow, label=label)
         self.request = request

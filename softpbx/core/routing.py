@@ -140,6 +140,22 @@ class Router:
             return (Stage((GatewayTarget(gw, number or did),), timeout),)
         return (Stage((ExtensionTarget(dest),), timeout),)
 
+    def redirect_stages(self, dest: str, return_timeout: float = 0.0) -> tuple[Stage, ...] | None:
+        """The stages of a CRM ``redirect`` to ``dest`` (an extension, ``group:<name>`` or a
+        bare group name), ringing for ``return_timeout`` seconds (0: the call's no-answer
+        timeout); ``None`` when ``dest`` names nothing."""
+        name = dest.removeprefix("group:")
+        if dest in self.extensions:
+            return (Stage((ExtensionTarget(dest),), return_timeout),)
+        if name in self.groups:
+            return self._group_stages(name, return_timeout)
+        return None
+
+    def unrouted(self, direction: Direction, dialled: str) -> Route:
+        """A route with nothing to ring (an unknown DID): the CRM may still redirect it,
+        else it fails with 404."""
+        return Route(direction, (), dialled, record=False)
+
     def records(self, route: Route, *, extensions: tuple[str, ...] = (),
                 gateways: tuple[str, ...] = ()) -> bool:
         """Whether a call on ``route`` is recorded, decided when it is answered: with

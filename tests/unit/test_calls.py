@@ -12,7 +12,8 @@ import pytest
 from softpbx.config.loader import load_config
 from softpbx.config.schema import Transport
 from softpbx.core.call import CallState
-from softpbx.core.events import Binding, WriteCdr
+from softpbx.core.events import Binding, SendWebhook, WriteCdr
+from softpbx.core.notify import CrmAnswer
 from softpbx.core.switch import Switch
 from softpbx.media.ports import PortAllocator
 from softpbx.media.relay import RelaySession
@@ -84,18 +85,35 @@ class Net:
     inbox: dict[tuple[str, int], list] = field(default_factory=dict)
     cdrs: list = field(default_factory=list)
     actions: list = field(default_factory=list)
+    webhooks: list = field(default_factory=list)
+    crm_answers: bool = True
+    """Answer every NOTIFY_START at once with an empty body ("route normally"), as the
+    built-in inspector does; tests of the CRM wait turn it off and answer themselves."""
 
     def feed(self, data: bytes, src: tuple[str, int]) -> None:
         self.sw.receive(data, flow(src), self.clock.now)
         self.collect()
 
     def collect(self) -> None:
+        answers: list[str] = []
         for o in self.sw.datagrams_to_send():
             self.inbox.setdefault(o.flow.remote, []).append(parse_message(o.data))
         while (a := self.sw.next_action()) is not None:
             self.actions.append(a)
             if isinstance(a, WriteCdr):
                 self.cdrs.append(a.record)
+            elif isinstance(a, SendWebhook):
+                self.webhooks.append(a)
+                if a.wants_answer and self.crm_answers:
+                    answers.append(a.pbx_call_id)
+        for pbx_call_id in answers:
+            self.sw.crm_answer(pbx_call_id, CrmAnswer(), self.clock.now)
+        if answers:
+            self.collect()
+
+    def events(self) -> list[tuple[str, dict[str, str]]]:
+        """The CRM events so far: (event, fields without ``event``), in order."""
+        return [(w.event, dict(w.fields[1:])) for w in self.webhooks]
 
     def take(self, who: tuple[str, int]) -> list:
         msgs = self.inbox.pop(who, [])

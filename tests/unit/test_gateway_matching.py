@@ -11,6 +11,7 @@ from softpbx.config.loader import load_config
 from softpbx.config.schema import Transport
 from softpbx.core.events import Binding
 from softpbx.core.gateway_reg import RegState
+from softpbx.core.notify import CrmAnswer
 from softpbx.core.switch import Switch
 from softpbx.sip.events import Flow
 from softpbx.sip.message import make_response
@@ -87,6 +88,8 @@ def test_registered_contact_carries_a_line_token_that_identifies_the_gateway(pro
     out = sent(sw)
     assert [m.status for w, m in out if w == ELSEWHERE] == [100]
     (call,) = sw.calls.values()
+    sw.crm_answer(call.pbx_call_id, CrmAnswer(), clock.now)  # the CRM: "route normally"
+    out += sent(sw)
     assert call.route.dialled == "74950000000" and call.from_gateway == "provider"
     assert [m.method for w, m in out if w == ALICE] == ["INVITE"]
 
