@@ -28,13 +28,17 @@ class SwitchDriver:
         self.switch = switch
         self.store = store
         self.loop = loop
-        self.transports = SipTransports(receiver=self.receive,
-                                        max_size=switch.config.sip.max_message_size)
+        sip = switch.config.sip
+        self.transports = SipTransports(receiver=self.receive, max_size=sip.max_message_size,
+                                        max_connections=sip.tcp_max_connections,
+                                        max_per_ip=sip.tcp_max_connections_per_ip,
+                                        on_closed=self.flow_closed)
         self.recordings: RecordingManager | None = None
         """Set by the app when recording is on."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._store_handle: asyncio.TimerHandle | None = None
+        self._closed = False
 
     def wall_offset(self) -> float:
         """Wall-clock time minus loop time (the store keeps wall times)."""
@@ -48,6 +52,13 @@ class SwitchDriver:
             # Protocol errors never get here (the core answers them); this is a bug in softpbx.
             # Log it with its traceback and keep serving everyone else.
             log.exception("internal error handling %d bytes from %s", len(data), flow)
+        self._after_input()
+
+    def flow_closed(self, flow: Flow) -> None:
+        """Transport callback: a TCP connection closed (either side, or a cap)."""
+        if self._closed:
+            return  # shutting down: every connection goes, the bindings stay as they are
+        self.switch.flow_closed(flow, self.loop.time())
         self._after_input()
 
     def _on_timer(self) -> None:
@@ -101,6 +112,7 @@ class SwitchDriver:
 
     def close(self) -> None:
         """Stop the timer."""
+        self._closed = True
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

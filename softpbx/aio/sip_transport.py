@@ -2,6 +2,12 @@
 
 They turn socket callbacks into ``receiver(data, flow, framing_error)`` calls and carry out
 :class:`~softpbx.sip.events.Outgoing` items. All protocol decisions live in the sans-IO core.
+
+TCP connections are capped in total and per source IP (``[sip] tcp_max_connections``,
+``tcp_max_connections_per_ip``): a new connection beyond a cap closes the one that has been
+silent longest (of that IP, or of all), so a scan cannot lock phones out and a flood from one
+address only pushes out its own connections. Every closed connection is reported
+(``on_closed``): the core then knows the flow of the bindings registered over it is dead.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from ..sip.framing import StreamFramer
 log = logging.getLogger("softpbx.transport")
 
 Receiver = Callable[[bytes, Flow, "str | None"], None]
+FlowClosed = Callable[[Flow], None]
 
 
 def _addr(sockaddr: tuple) -> tuple[str, int]:
@@ -78,6 +85,7 @@ class TcpConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_activity = asyncio.get_running_loop().time()
+        self.registry.touch(self)
         flow = self.flow
         assert flow is not None
         msgs = self.framer.feed(data)
@@ -95,8 +103,13 @@ class TcpConnection(asyncio.Protocol):
         return True  # keep our side open until the answer is written; we close after it
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.registry.remove(self)
         self.transport = None
+        self.registry.remove(self)
+
+    def close(self) -> None:
+        """Close the connection (what was written is still flushed)."""
+        if self.transport is not None:
+            self.transport.close()
 
     def send(self, data: bytes, close_after: bool) -> None:
         t = self.transport
@@ -108,19 +121,91 @@ class TcpConnection(asyncio.Protocol):
             t.close()
 
 
-class TcpRegistry:
-    """Open TCP connections by (local, remote), for sending responses and requests back."""
+ConnKey = tuple[tuple[str, int], tuple[str, int]]
 
-    def __init__(self) -> None:
-        self.conns: dict[tuple[tuple[str, int], tuple[str, int]], TcpConnection] = {}
+
+class TcpRegistry:
+    """Open TCP connections by (local, remote), for sending responses and requests back.
+
+    The dicts are kept in order of last activity (least recent first: a received segment
+    moves its connection to the end), so the idlest connection of all, or of one source IP,
+    is the first one: finding whom to close at a cap is O(1).
+    """
+
+    def __init__(self, *, max_connections: int = 10_000, max_per_ip: int = 100,
+                 on_closed: FlowClosed | None = None) -> None:
+        self.conns: dict[ConnKey, TcpConnection] = {}
+        self.max_connections = max_connections
+        self.max_per_ip = max_per_ip
+        self.on_closed = on_closed
+        """Called once per connection that leaves the registry (closed by either side)."""
+        self._by_ip: dict[str, dict[ConnKey, TcpConnection]] = {}
+        self.evicted = 0
+        """Connections closed to make room for a new one (a cap was reached)."""
+        self._evict_logged_at = -1e9
 
     def add(self, conn: TcpConnection) -> None:
+        """A new connection: register it, closing the idlest one beyond a cap."""
         assert conn.flow is not None
-        self.conns[(conn.local, conn.flow.remote)] = conn
+        key = (conn.local, conn.flow.remote)
+        ip = conn.flow.remote[0]
+        per_ip = self._by_ip.get(ip)
+        victim: TcpConnection | None = None
+        if per_ip is not None and len(per_ip) >= self.max_per_ip:
+            victim = next(iter(per_ip.values()))
+            why = f"{len(per_ip)} connections from {ip} (tcp_max_connections_per_ip)"
+        elif len(self.conns) >= self.max_connections:
+            victim = next(iter(self.conns.values()))
+            why = f"{len(self.conns)} connections (tcp_max_connections)"
+        if victim is not None:
+            self.evicted += 1
+            now = conn.last_activity
+            if now - self._evict_logged_at >= 10.0:  # one line per 10 s under a flood
+                self._evict_logged_at = now
+                log.warning("tcp: %s; closing the idlest, %s (%d closed so far)", why,
+                            victim.flow, self.evicted)
+            self.remove(victim)  # at once: the count must drop before the next connection
+            victim.close()
+            per_ip = self._by_ip.get(ip)
+        self.conns[key] = conn
+        if per_ip is None:
+            per_ip = self._by_ip[ip] = {}
+        per_ip[key] = conn
+
+    def touch(self, conn: TcpConnection) -> None:
+        """``conn`` received data: it becomes the most recently active."""
+        flow = conn.flow
+        if flow is None:
+            return
+        key = (conn.local, flow.remote)
+        conns = self.conns
+        if conns.get(key) is conn:
+            del conns[key]
+            conns[key] = conn
+            per_ip = self._by_ip[flow.remote[0]]
+            del per_ip[key]
+            per_ip[key] = conn
 
     def remove(self, conn: TcpConnection) -> None:
-        if conn.flow is not None and self.conns.get((conn.local, conn.flow.remote)) is conn:
-            del self.conns[(conn.local, conn.flow.remote)]
+        """``conn`` closed (or is being closed): forget it and report its flow, once."""
+        flow = conn.flow
+        if flow is None:
+            return
+        key = (conn.local, flow.remote)
+        if self.conns.get(key) is not conn:
+            return
+        del self.conns[key]
+        per_ip = self._by_ip.get(flow.remote[0])
+        if per_ip is not None:
+            per_ip.pop(key, None)
+            if not per_ip:
+                del self._by_ip[flow.remote[0]]
+        if self.on_closed is not None:
+            self.on_closed(flow)
+
+    def count_from(self, ip: str) -> int:
+        """Open connections from ``ip``."""
+        return len(self._by_ip.get(ip, ()))
 
     def get(self, flow: Flow) -> TcpConnection | None:
         return self.conns.get((flow.local, flow.remote))
@@ -138,12 +223,14 @@ class TcpRegistry:
 class SipTransports:
     """Every SIP listener of the switch, and the way out for :class:`Outgoing` items."""
 
-    def __init__(self, *, receiver: Receiver, max_size: int) -> None:
+    def __init__(self, *, receiver: Receiver, max_size: int, max_connections: int = 10_000,
+                 max_per_ip: int = 100, on_closed: FlowClosed | None = None) -> None:
         self.receiver = receiver
         self.max_size = max_size
         self.udp: dict[tuple[str, int], UdpListener] = {}
         self.tcp_servers: list[asyncio.base_events.Server] = []
-        self.tcp = TcpRegistry()
+        self.tcp = TcpRegistry(max_connections=max_connections, max_per_ip=max_per_ip,
+                               on_closed=on_closed)
         self._connecting: dict[tuple, list[Outgoing]] = {}
 
     async def listen(self, ip: str, port: int, transports: tuple[Transport, ...]) -> list[str]:
@@ -193,26 +280,34 @@ class SipTransports:
             return
         if out.close_after and not out.data:
             return
-        # RFC 3261 §18.2.2: the connection is gone; open a new one to the peer.
-        key = (flow.local, flow.remote)
+        # The connection is gone (or there never was one): open a new one. A response goes
+        # where the core says (RFC 3261 §18.2.2: received + sent-by port), a request to the
+        # flow's address (RFC 3261 §18.1.1).
+        remote = out.reconnect or flow.remote
+        if out.reconnect is not None:
+            conn = self.tcp.conns.get((flow.local, remote))
+            if conn is not None:
+                conn.send(out.data, out.close_after)
+                return
+        key = (flow.local, remote)
         pending = self._connecting.get(key)
         if pending is not None:
             pending.append(out)
             return
         self._connecting[key] = [out]
-        asyncio.get_running_loop().create_task(self._connect(flow, key))
+        asyncio.get_running_loop().create_task(self._connect(flow.local, remote, key))
 
-    async def _connect(self, flow: Flow, key: tuple) -> None:
+    async def _connect(self, local: tuple[str, int], remote: tuple[str, int], key: tuple) -> None:
         loop = asyncio.get_running_loop()
         try:
-            conn = TcpConnection(local=flow.local, receiver=self.receiver, registry=self.tcp,
+            conn = TcpConnection(local=local, receiver=self.receiver, registry=self.tcp,
                                  max_size=self.max_size)
-            await loop.create_connection(lambda: conn, host=flow.remote[0], port=flow.remote[1])
+            await loop.create_connection(lambda: conn, host=remote[0], port=remote[1])
             for out in self._connecting.pop(key, []):
                 conn.send(out.data, out.close_after)
         except OSError as exc:
             dropped = self._connecting.pop(key, [])
-            log.warning("tcp connect to %s failed: %s (%d messages dropped)", _fmt(flow.remote),
+            log.warning("tcp connect to %s failed: %s (%d messages dropped)", _fmt(remote),
                         exc, len(dropped))
 
     async def close(self) -> None:

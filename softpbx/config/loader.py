@@ -235,7 +235,9 @@ def describe(config: Config) -> str:
             else "disabled"
         ),
         f"CRM webhook: {config.crm.webhook_url or 'built-in inspector'}"
-        + (", click-to-call on" if config.crm.token else ", click-to-call off"),
+        + (f", click-to-call on (POST {config.crm.click_to_call_path})"
+           if config.crm.click_to_call_token else ", click-to-call off (no token)"),
+        "API auth: " + _api_auth(config),
         "Recording: "
         + (
             f"on, {'stereo' if rec.stereo else 'mono'} MP3 into {resolve_path(config, rec.dir)}"
@@ -310,6 +312,8 @@ def _apply_override(raw: dict[str, dict[str, Any]], text: str) -> tuple[str, str
     else:
         allowed = ", ".join([*_MAIN_SECTIONS, *_PROFILE_NAMES, *_FILE_SECTIONS, "dialplan"])
         raise ConfigError(OVERRIDE_FILE, path, f"unknown section {section!r}; allowed: {allowed}")
+    if section in _ALIASES:
+        key = _ALIASES[section].get(key, key)
     hints = _field_types(cls)
     if key not in hints or key == "name":
         allowed = ", ".join(k for k in hints if k != "name")
@@ -329,6 +333,9 @@ def _apply_override(raw: dict[str, dict[str, Any]], text: str) -> tuple[str, str
     else:
         tbl = raw[file].setdefault(table, {})
         where = table
+        for old, new in _ALIASES.get(section, {}).items():
+            if new == key and isinstance(tbl, dict):
+                tbl.pop(old, None)  # the override replaces the file's value under either name
     if not isinstance(tbl, dict):
         raise ConfigError(file, where, "must be a table")
     tbl[key] = value
@@ -528,6 +535,32 @@ def _url_or_empty(file: str, key: str, value: str) -> None:
     _url(file, key, value, allow_empty=True)
 
 
+# Old key -> its new name, per softpbx.toml section: files and --set written before the
+# rename keep working.
+_ALIASES: dict[str, dict[str, str]] = {"crm": {"token": "click_to_call_token"}}
+# HTTP paths served by softpbx itself, which click_to_call_path may not shadow.
+_RESERVED_PATHS = ("/api", "/rec", "/crm")
+
+
+def _http_path(file: str, key: str, value: str) -> None:
+    """Require an absolute URL path of plain characters, outside softpbx's own routes."""
+    # RFC 3986 §3.3 unreserved characters and "/"; no "{...}" (aiohttp route patterns),
+    # no "%" escapes, no empty segment.
+    if not re.fullmatch(r"/[A-Za-z0-9._~/-]*", value) or "//" in value:
+        _fail(file, key, f"invalid path {value!r}: must start with / and hold only letters, "
+                         "digits and . _ ~ - / (no empty segment)")
+    for prefix in _RESERVED_PATHS:
+        if value == prefix or value.startswith(prefix + "/"):
+            _fail(file, key, f"path {value!r} is taken by softpbx ({prefix}/...)")
+
+
+def _header_token(file: str, key: str, value: str) -> None:
+    """Require a secret that fits an HTTP header unchanged (RFC 9110 §5.5: visible ASCII)."""
+    if len(value) > 256 or not all("!" <= c <= "~" for c in value):
+        _fail(file, key, "must be at most 256 visible ASCII characters (no spaces): it is "
+                         "compared with an HTTP header")
+
+
 # Per-field rules applied as each table is read; cross-field rules live in the loaders.
 _RULES: dict[type, dict[str, _Rule]] = {
     GlobalSettings: {
@@ -572,8 +605,12 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "max_total_mb": _NOT_NEGATIVE,
     },
     CallSettings: {"max_duration": _NOT_NEGATIVE, "no_answer_timeout": _POSITIVE},
-    HttpSettings: {"http_ip": _ip, "http_port": _between(0, 65535)},
-    CrmSettings: {"webhook_url": _url_or_empty, "answer_timeout_ms": _between(0, 60_000)},
+    HttpSettings: {"http_ip": _ip, "http_port": _between(0, 65535), "api_token": _header_token},
+    CrmSettings: {
+        "click_to_call_path": _http_path,
+        "click_to_call_token": _header_token,
+        "click_to_call_ring_s": _between(1, 600),
+        "click_to_call_min_interval_s": _between(0, 3600),"webhook_url": _url_or_empty, "answer_timeout_ms": _between(0, 60_000)},
     Profile: {
         "sip_ip": _ip,
         "sip_port": _PORT,
@@ -646,6 +683,13 @@ def _build_config(root: Path, raw: dict[str, dict[str, Any]]) -> Config:
     for section in main:
         if section not in _MAIN_SECTIONS:
             _fail(MAIN_FILE, section, f"unknown section; allowed: {', '.join(_MAIN_SECTIONS)}")
+        table = main[section]
+        for old, new in _ALIASES.get(section, {}).items():
+            if isinstance(table, dict) and old in table:
+                if new in table:
+                    _fail(MAIN_FILE, f"{section}.{old}", f"old name of {section}.{new}: "
+                                                         "set only one of them")
+                table[new] = table.pop(old)
     settings = {
         attr: _build(cls, main.get(section, {}), MAIN_FILE, section)
         for section, (attr, cls) in _MAIN_SECTIONS.items()
@@ -711,6 +755,11 @@ def _check_settings(s: dict[str, Any]) -> None:
     http: HttpSettings = s["http"]
     if http.http_port:
         _url(f, "http.public_base_url", http.public_base_url, allow_empty=False)
+        if not ipaddress.ip_address(http.http_ip).is_loopback and not http.api_token:
+            # /api/* lists calls and CDRs and places calls: beyond loopback it needs a key.
+            _fail(f, "http.api_token", f"must be set when http.http_ip ({http.http_ip}) is not "
+                                       "a loopback address (the /api/* endpoints would be "
+                                       "open to the network)")
 
 
 def _toml_files(root: Path, sub: str) -> list[tuple[str, Path]]:
@@ -858,6 +907,18 @@ def _rewrites(file: str, key: str, value: Any) -> tuple[Rewrite, ...]:
 def _join_host_port(host: str, port: int) -> str:
     """``ip:port`` with IPv6 in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _api_auth(config: Config) -> str:
+    """Which rule guards ``/api/*`` (the HTTP side applies the same one)."""
+    http = config.http
+    if not http.http_port:
+        return "none (HTTP disabled)"
+    if not ipaddress.ip_address(http.http_ip).is_loopback:
+        return f"bearer token required (http_ip {http.http_ip} is not loopback)"
+    if http.api_token:
+        return "bearer token required (http.api_token is set)"
+    return "none (HTTP on loopback only; set http.api_token to require a bearer token)"
 
 
 def _yes(flag: bool) -> str:

@@ -159,6 +159,9 @@ class HttpSettings:
     """Listen port (0 disables the HTTP server)."""
     public_base_url: str = "http://127.0.0.1:8080"
     """Base of links handed to the CRM (recordings)."""
+    api_token: str = ""
+    """``Authorization: Bearer`` token of ``/api/*``; required (and checked at start-up) when
+    ``http_ip`` is not a loopback address, and checked whenever it is set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +170,22 @@ class CrmSettings:
 
     webhook_url: str = ""
     """Where ``NOTIFY_*`` events are POSTed; empty means the built-in inspector."""
-    token: str = ""
-    """Click-to-call ``x-pbx-authentication`` token; empty disables click-to-call."""
+    click_to_call_path: str = "/click-to-call"
+    """HTTP path the CRM POSTs click-to-call requests to (``crm-telephony-api.md`` §5)."""
+    click_to_call_token: str = ""
+    """Click-to-call ``x-pbx-authentication`` token; empty disables click-to-call (the
+    endpoint answers 403, it is never open). The old key ``token`` is read as this one."""
+    click_to_call_error_codes: bool = True
+    """Refusals get the fitting HTTP status (400/401/403/404/409/422/429); false answers every
+    request with HTTP 200 and only the JSON ``status`` tells (the OnlinePBX convention)."""
+    click_to_call_ring_s: int = 30
+    """Seconds the employee's phone rings before the click ends as ``no answer``."""
+    click_to_call_auto_answer: bool = False
+    """Ask desk phones to answer the employee leg by themselves (``Call-Info: answer-after=0``
+    and ``Alert-Info: info=alert-autoanswer``)."""
+    click_to_call_min_interval_s: float = 5.0
+    """One click per extension within this many seconds; a repeat is refused with 429 (0 = no
+    limit)."""
     answer_timeout_ms: int = 1500
     """How long an inbound call waits for the CRM's answer to ``NOTIFY_START``."""
 

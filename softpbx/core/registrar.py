@@ -3,19 +3,36 @@
 It is called only for a REGISTER whose credentials were already checked by the switch; it
 updates the bindings of that extension and says what to persist. Bindings live in memory (the
 switch reads them on every call) and are written behind to the store.
+
+Flows (RFC 5626): a phone registered over TCP is reached on the connection its REGISTER came
+in on -- behind NAT it cannot accept a new one. When the shell reports that connection closed
+(:meth:`Registrar.flow_closed`), the binding's flow is known dead:
+
+* an outbound binding (``;ob`` in the Contact, or ``reg-id``; RFC 5626 §4.4.1: such a phone
+  notices the failure and registers again over a new flow at once) is no longer offered;
+* any other binding whose Contact names the very IP the REGISTER came from (a phone not behind
+  NAT) is reached by a new TCP connection to its Contact's port, as RFC 3261 §18.1.1 says;
+* a binding whose Contact names another address (a private one behind NAT, or anybody's) is
+  not offered either: softpbx never connects to an address a peer only wrote into a message.
+
+A binding not offered keeps its row (the store, the expiry heap) until it expires or the phone
+registers again, which revives it; a call to an extension left with no binding offered fails
+at once with ``480`` instead of waiting 32 s for Timer B.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 from collections.abc import Iterable
 
-from ..config.schema import RegistrarSettings
+from ..config.schema import RegistrarSettings, Transport
 from ..sip.errors import ParseError, SipError
 from ..sip.events import Flow
-from ..sip.headers import NameAddr, format_params
+from ..sip.headers import NameAddr, format_params, parse_params
 from ..sip.message import Request
+from ..sip.uri import parse_uri
 from .events import Action, Binding, DeleteBinding, SaveBinding
 
 log = logging.getLogger("softpbx.registrar")
@@ -44,10 +61,33 @@ class Registrar:
         self.settings = settings
         self._bindings: dict[str, dict[str, Binding]] = {}
         self._expiry: list[tuple[float, str, str]] = []
+        self._by_flow: dict[Flow, set[tuple[str, str]]] = {}
+        """Stream flow -> (aor, key) of the bindings registered over it (possibly stale:
+        checked against the binding's flow when the flow closes, and dropped then)."""
+        self._dead: set[tuple[str, str]] = set()
+        """(aor, key) of bindings whose flow closed since they were last registered."""
 
     # -- queries ------------------------------------------------------------------------------
     def lookup(self, aor: str, now: float) -> list[Binding]:
-        """Live bindings of extension ``aor``, newest first."""
+        """Bindings of extension ``aor`` a call can reach, newest first (see the module
+        docstring for those whose connection closed)."""
+        live = self._live(aor, now)
+        if not self._dead:
+            return live
+        out = []
+        for b in live:
+            if (aor, b.key) in self._dead:
+                b = _reachable_after_close(b)  # type: ignore[assignment]
+                if b is None:
+                    continue
+            out.append(b)
+        return out
+
+    def flow_dead(self, aor: str, key: str) -> bool:
+        """Whether the connection binding ``key`` of ``aor`` registered over has closed."""
+        return (aor, key) in self._dead
+
+    def _live(self, aor: str, now: float) -> list[Binding]:
         table = self._bindings.get(aor)
         if not table:
             return []
@@ -75,6 +115,25 @@ class Registrar:
         for b in bindings:
             self._put(b)
 
+    def flow_closed(self, flow: Flow) -> int:
+        """The shell says stream ``flow`` closed: the bindings registered over it have a dead
+        flow (RFC 5626 §4.4.1 / §5.3). Returns how many bindings that concerned."""
+        refs = self._by_flow.pop(flow, None)
+        if not refs:
+            return 0
+        n = 0
+        for aor, key in refs:
+            b = self._bindings.get(aor, {}).get(key)
+            if b is None or b.flow != flow:
+                continue  # gone, or registered again over another connection since
+            self._dead.add((aor, key))
+            n += 1
+            how = ("reached by a new connection to its Contact"
+                   if _reachable_after_close(b) is not None else "not offered to calls")
+            log.info("binding %s %s: connection %s closed; %s until it registers again",
+                     aor, b.contact, flow, how)
+        return n
+
     def expire(self, now: float) -> list[Action]:
         """Drop every binding that lapsed by ``now``."""
         actions: list[Action] = []
@@ -90,6 +149,7 @@ class Registrar:
                 heapq.heappush(heap, (b.expires_at, aor, key))
                 continue
             del table[key]  # type: ignore[union-attr]
+            self._dead.discard((aor, key))
             if not table:
                 del self._bindings[aor]
             log.info("binding expired: %s %s", aor, b.contact)
@@ -117,6 +177,7 @@ class Registrar:
                 if b.call_id == call_id and cseq <= b.cseq:
                     continue
                 del table[key]
+                self._dead.discard((aor, key))
                 actions.append(DeleteBinding(aor, key))
             if not table:
                 self._bindings.pop(aor, None)
@@ -147,6 +208,7 @@ class Registrar:
         ua = req.get("user-agent") or ""
         for c, key, expires in plan:
             if expires == 0:
+                self._dead.discard((aor, key))
                 if table.pop(key, None) is not None:
                     actions.append(DeleteBinding(aor, key))
                     log.info("unregistered: %s %s (%s)", aor, c.uri, flow)
@@ -158,6 +220,8 @@ class Registrar:
             old_b = table.get(key)
             is_new = old_b is None
             table[key] = b
+            self._dead.discard((aor, key))  # registered again: over a live flow
+            self._index(b)
             if old_b is None or b.expires_at < old_b.expires_at:
                 heapq.heappush(self._expiry, (b.expires_at, aor, key))
             actions.append(SaveBinding(b))
@@ -167,6 +231,7 @@ class Registrar:
         while len(table) > s.max_contacts:
             victim = min(table.values(), key=lambda b: b.expires_at)
             del table[victim.key]
+            self._dead.discard((aor, victim.key))
             actions.append(DeleteBinding(aor, victim.key))
         if table:
             self._bindings[aor] = table
@@ -175,9 +240,41 @@ class Registrar:
         return self._contact_headers(aor, now), actions
 
     def _contact_headers(self, aor: str, now: float) -> list[tuple[str, str]]:
+        # RFC 3261 §10.3 step 8: every current binding, reachable at the moment or not.
         return [("Contact", f"<{b.contact}>{b.params};expires={b.expires_in(now)}")
-                for b in self.lookup(aor, now)]
+                for b in self._live(aor, now)]
 
     def _put(self, b: Binding) -> None:
         self._bindings.setdefault(b.aor, {})[b.key] = b
         heapq.heappush(self._expiry, (b.expires_at, b.aor, b.key))
+        self._index(b)
+
+    def _index(self, b: Binding) -> None:
+        if b.flow.reliable:
+            self._by_flow.setdefault(b.flow, set()).add((b.aor, b.key))
+
+
+def is_outbound(b: Binding) -> bool:
+    """RFC 5626 §4.2: the phone asked for outbound (``ob`` in its Contact URI, or a
+    ``reg-id`` contact parameter): its flow is the only way to reach it."""
+    try:
+        return "reg-id" in parse_params(b.params) or "ob" in parse_uri(b.contact).params
+    except SipError:
+        return True  # unreadable: do not guess an address to connect to
+
+
+def _reachable_after_close(b: Binding) -> Binding | None:
+    """Where a binding whose connection closed can still be reached, if anywhere: RFC 3261
+    §18.1.1 opens a new connection to the Contact, which is safe only when the Contact names
+    the IP the REGISTER came from (not behind NAT; nobody else's address)."""
+    if is_outbound(b):
+        return None
+    try:
+        uri = parse_uri(b.contact)
+    except SipError:
+        return None
+    host = uri.host_bare.lower()
+    if host != b.flow.remote[0].lower():
+        return None
+    port = uri.port or 5060
+    return dataclasses.replace(b, flow=Flow(Transport.TCP, (host, port), b.flow.local))

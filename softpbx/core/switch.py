@@ -34,7 +34,7 @@ from .gateway_reg import GatewayRegistration
 from .leg import Leg
 from .registrar import IntervalTooBrief, Registrar
 from .routing import NoRoute, Router
-from .security import FailureTracker, loggable
+from .security import FailureTracker, RateLimitedLog, loggable
 from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.switch")
@@ -46,6 +46,8 @@ KNOWN_METHODS = frozenset({"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
                            "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE",
                            "REFER"})
 """Methods softpbx knows of: the ones it does not implement get 405, unknown ones 501."""
+REJECTED_LOG_INTERVAL = 10.0
+"""Seconds between two "rejected message" warnings for one source (the rest are counted)."""
 SUPPORTED = frozenset({"outbound"})
 """Option tags softpbx accepts in ``Require`` (RFC 3261 §8.2.2.3). ``outbound`` (RFC 5626):
 softpbx is the edge and the registrar, keeps each registration's flow and answers CRLF
@@ -107,6 +109,9 @@ class Switch:
         self.failures = FailureTracker(max_failures=config.auth.max_failures,
                                        window=config.auth.failure_window,
                                        ban_time=config.auth.ban_time)
+        # A peer sending garbage in a loop: one warning per source per 10 s, not one per message.
+        self.rejected_log = RateLimitedLog(logger=log, interval=REJECTED_LOG_INTERVAL,
+                                           timers=self.timers)
         self.gateways = gateway_matcher(config.gateways)
         self._actions: deque[Action] = deque()
         self.wall_offset = 0.0
@@ -138,6 +143,12 @@ class Switch:
         self.timers.fire(now)
         self._actions.extend(self.registrar.expire(now))
         self._drain(now)
+
+    def flow_closed(self, flow: Flow, now: float) -> None:
+        """The shell: stream ``flow`` (a TCP connection) closed. Bindings registered over it
+        are not offered to calls any more unless their Contact can be reached by a new
+        connection (RFC 5626 §4.4.1; see :mod:`softpbx.core.registrar`)."""
+        self.registrar.flow_closed(flow)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is due next."""
@@ -273,8 +284,9 @@ class Switch:
                 if isinstance(owner, (Leg, GatewayRegistration)) and ev.tx.kind in ("ict", "nict"):
                     owner.on_timeout(ev.tx, now)  # type: ignore[arg-type]
             elif isinstance(ev, MessageRejected):
-                log.warning("rejected message from %s: %s (%s)", ev.flow, ev.reason,
-                            ev.status if ev.status else "dropped")
+                self.rejected_log.warning(ev.flow.remote[0], now,
+                                          "rejected message from %s: %s (%s)", ev.flow,
+                                          ev.reason, ev.status if ev.status else "dropped")
             elif isinstance(ev, CancelReceived):
                 leg = ev.invite_tx.user_data
                 if isinstance(leg, Leg):

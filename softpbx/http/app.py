@@ -15,6 +15,7 @@ from typing import BinaryIO, Final
 from aiohttp import hdrs, web
 
 from ..core.switch import Switch
+from . import click_to_call
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -235,8 +236,10 @@ async def _send(request: web.Request, f: BinaryIO, st: os.stat_result) -> web.St
 
 def make_app(*, switch: Switch, clock: Callable[[], float],
              cdr_fetch: Callable[[int], list[dict[str, object]]],
-             recording_lookup: Callable[[str], tuple[str, str, str] | None]) -> web.Application:
-    """The aiohttp application."""
+             recording_lookup: Callable[[str], tuple[str, str, str] | None],
+             originate: click_to_call.Originate | None = None) -> web.Application:
+    """The aiohttp application; ``originate`` places click-to-call and ``POST /api/calls``
+    calls (see :mod:`softpbx.http.click_to_call`)."""
     app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
     app[SWITCH_KEY] = switch
     app[CLOCK_KEY] = clock
@@ -247,4 +250,5 @@ def make_app(*, switch: Switch, clock: Callable[[], float],
     app.router.add_get("/api/registrations", registrations)
     app.router.add_get("/api/calls", calls)
     app.router.add_get("/api/cdr", cdrs)
+    click_to_call.install(app, switch=switch, clock=clock, originate=originate)
     return app

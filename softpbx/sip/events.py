@@ -42,6 +42,9 @@ class Outgoing:
     """The serialized message."""
     close_after: bool = False
     """Close the (TCP) connection once sent: its framing is broken."""
+    reconnect: tuple[str, int] | None = None
+    """A response on a stream whose connection is gone: open a new connection here, not to
+    the request's source port (RFC 3261 §18.2.2: ``received`` + the top Via's sent-by port)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -234,7 +234,10 @@ class SipStack:
         if done is not None:
             self._out.append(Outgoing(done[1], done[0]))  # retransmission: the final again
             return
-        tx = ServerTransaction(key=key, request=req, flow=flow, host=self)
+        host: SipStack | _StreamReplies = self
+        if flow.reliable:
+            host = _StreamReplies(self, _reconnect_to(via, flow))
+        tx = ServerTransaction(key=key, request=req, flow=flow, host=host)
         self._server[key] = tx
         if method == "CANCEL":
             self._on_cancel(tx, req, via, now)
@@ -290,7 +293,12 @@ class SipStack:
                 _note_source(msg, msg.top_via, flow)
             resp = _error_response(msg, status, exc.reason)
             resp.add("Server", self.server_name)
-            self._out.append(Outgoing(flow, resp.serialize(), close_after=close))
+            reconnect = None
+            if flow.reliable and not close:
+                with contextlib.suppress(SipError):
+                    reconnect = _reconnect_to(msg.top_via, flow)
+            self._out.append(Outgoing(flow, resp.serialize(), close_after=close,
+                                      reconnect=reconnect))
         elif close:
             self._out.append(Outgoing(flow, b"", close_after=True))
         self._emit(MessageRejected(flow, exc.reason, status))
@@ -320,6 +328,62 @@ class SipStack:
         if table.get(tx.key) is tx:
             del table[tx.key]
         tx.user_data = None  # legs point at their transactions: break the cycle
+
+
+class _StreamReplies:
+    """The host of a server transaction on a stream (TCP): the stack, except that what the
+    transaction sends (its responses) carries where to reconnect when the connection the
+    request came in on is gone (RFC 3261 §18.2.2). One small object per TCP transaction;
+    UDP transactions use the stack itself."""
+
+    __slots__ = ("stack", "reconnect")
+
+    def __init__(self, stack: SipStack, reconnect: tuple[str, int]) -> None:
+        self.stack = stack
+        self.reconnect = reconnect
+
+    @property
+    def t1(self) -> float:
+        return self.stack.t1
+
+    @property
+    def t2(self) -> float:
+        return self.stack.t2
+
+    @property
+    def t4(self) -> float:
+        return self.stack.t4
+
+    def _send(self, flow: Flow, data: bytes) -> None:
+        self.stack._out.append(Outgoing(flow, data, reconnect=self.reconnect))
+
+    def _schedule(self, tx: Transaction, name: str, when: float) -> None:
+        self.stack._schedule(tx, name, when)
+
+    def _cancel_timers(self, tx: Transaction) -> None:
+        TimerQueue.cancel_all(tx)
+
+    def _emit(self, event: SipEvent) -> None:
+        self.stack._emit(event)
+
+    def _send_cancel(self, tx: ClientTransaction, now: float) -> ClientTransaction:
+        return self.stack._send_cancel(tx, now)  # pragma: no cover - server transactions
+
+    def _terminated(self, tx: Transaction) -> None:
+        self.stack._terminated(tx)
+
+    def _absorb_retransmissions(self, tx: ServerTransaction, now: float) -> None:
+        self.stack._absorb_retransmissions(tx, now)
+
+
+def _reconnect_to(via: Via, flow: Flow) -> tuple[str, int]:
+    """RFC 3261 §18.2.2: over a reliable transport, a response whose connection failed goes
+    to the ``received`` address and the sent-by port (5060 when absent) of the top Via. The
+    ``received`` address is always the packet's source IP (``_note_source`` writes it when the
+    sent-by host differs), so softpbx never connects to an address a peer only wrote into a
+    message (a private one behind NAT, or somebody else's). RFC 3581 ``rport`` is for
+    unreliable transports only: the source port of a connection is ephemeral."""
+    return (flow.remote[0], via.port or 5060)
 
 
 def _hostport(addr: tuple[str, int]) -> str:

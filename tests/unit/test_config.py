@@ -198,7 +198,7 @@ def test_overrides(profiles: Path) -> None:
     assert cfg.internal.sip_port == 5062 and cfg.external.sip_port == 5060
     assert cfg.global_.db_path == "/tmp/x.db"
     assert cfg.recording.enabled is False
-    assert cfg.crm.token == "12345"  # a string field takes digits as text
+    assert cfg.crm.click_to_call_token == "12345"  # the old key name; digits as text
     assert cfg.auth.algorithms == ("MD5",)
     assert cfg.external.transports == (Transport.TCP,)
     assert cfg.recording.compression_level == 0.2
