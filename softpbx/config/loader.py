@@ -575,6 +575,8 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "t4_ms": _between(1, 600_000),
         "max_message_size": _between(1500, 16 * 1024 * 1024),
         "tcp_idle_timeout": _POSITIVE,
+        "tcp_max_connections": _between(1, 1_000_000),
+        "tcp_max_connections_per_ip": _between(1, 1_000_000),
     },
     AuthSettings: {
         "nonce_ttl": _POSITIVE,
@@ -729,6 +731,10 @@ def _check_settings(s: dict[str, Any]) -> None:
     sip: SipSettings = s["sip"]
     if sip.t2_ms <= sip.t1_ms:
         _fail(f, "sip.t2_ms", f"must be greater than sip.t1_ms ({sip.t2_ms} <= {sip.t1_ms})")
+    if sip.tcp_max_connections_per_ip > sip.tcp_max_connections:
+        _fail(f, "sip.tcp_max_connections_per_ip",
+              f"must be at most sip.tcp_max_connections ({sip.tcp_max_connections_per_ip} > "
+              f"{sip.tcp_max_connections})")
     reg: RegistrarSettings = s["registrar"]
     if reg.max_expires < reg.min_expires:
         _fail(f, "registrar.max_expires", f"must be at least min_expires ({reg.min_expires})")

@@ -61,6 +61,11 @@ class SipSettings:
     """Messages larger than this are refused (UDP: dropped; TCP: 513 and close)."""
     tcp_idle_timeout: int = 600
     """Seconds an idle inbound TCP connection is kept open."""
+    tcp_max_connections: int = 10_000
+    """Open TCP connections at most; a new one beyond closes the one silent the longest."""
+    tcp_max_connections_per_ip: int = 100
+    """Open TCP connections from one IP at most (phones behind one NAT share it); a new one
+    beyond closes that IP's connection silent the longest."""
 
 
 @dataclass(frozen=True, slots=True)
