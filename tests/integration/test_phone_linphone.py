@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import PbxFactory
 from tests.integration.test_calls_sipp import Sipp, received_requests
 from tests.support.linphone import Linphone
 from tests.support.server import HOST, PbxProcess, free_port
@@ -101,10 +102,10 @@ def phones(request: pytest.FixtureRequest, rig: Rig, tmp_path: Path) -> Iterator
     started: list[Linphone] = []
 
     def start(user: str, *, tone: int | None = None, transport: str = "udp",
-              password: str | None = None) -> Linphone:
+              password: str | None = None, pbx: PbxProcess | None = None) -> Linphone:
         phone = Linphone(tmp_path / f"{user}-{len(started)}", user=user,
                          password=password if password is not None else PASSWORDS[user],
-                         pbx=rig.pbx.sip_addr, transport=transport,
+                         pbx=(pbx or rig.pbx).sip_addr, transport=transport,
                          play=rig.tones[tone] if tone else None)
         started.append(phone)
         phone.start()
@@ -169,8 +170,8 @@ def heard(phone: Linphone, tone: int, own: int | None = None, *, skip_bytes: int
 # -- registration -------------------------------------------------------------------------------
 @pytest.mark.parametrize("transport", ["udp", "tcp"])
 def test_register_with_digest(rig: Rig, phones: PhoneFactory, transport: str) -> None:
-    """Linphone answers softpbx's 401 (two challenges, MD5 and SHA-256 while both are offered)
-    and its binding is the source it registered from; ``quit`` unregisters (Expires: 0)."""
+    """Linphone answers softpbx's default challenge (MD5 only) and its binding is the source
+    it registered from; ``quit`` unregisters (Expires: 0)."""
     phone = phones("103", transport=transport)
     row = registered(rig, phone)
     if transport == "udp":
@@ -184,6 +185,23 @@ def test_register_with_digest(rig: Rig, phones: PhoneFactory, transport: str) ->
     assert "Authorization:" in second and 'username="103"' in second, second
     statuses = [s.split(" ", 2)[1] for s in phone.responses(sent=False)]
     assert statuses[:2] == ["401", "200"], statuses
+    assert "algorithm=MD5" in second, second
+
+
+def test_register_with_sha256_digest(phones: PhoneFactory, pbx_factory: PbxFactory) -> None:
+    """Extension 103 opted in to SHA-256 only (RFC 8760, ``directory/103.toml``
+    ``auth_algorithms``): Linphone answers that challenge; a real phone for the opt-in path,
+    which SIPp and pyVoIP cannot take."""
+    pbx = pbx_factory(overrides={"directory.103.auth_algorithms": '["SHA-256"]'})
+    phone = phones("103", pbx=pbx)
+    phone.register()
+    pbx.wait_registrations("103", 1)
+    phone.stop()
+    pbx.wait_registrations("103", 0)
+    challenge = next(m for m in phone.sip_messages(sent=False) if m.startswith("SIP/2.0 401"))
+    assert "algorithm=SHA-256" in challenge and "algorithm=MD5" not in challenge, challenge
+    answer = phone.requests("REGISTER", sent=True)[1]
+    assert re.search(r"(?m)^Authorization:.*algorithm=SHA-256", answer), answer
 
 
 def test_wrong_password_refused(rig: Rig, phones: PhoneFactory) -> None:

@@ -32,11 +32,13 @@ import os
 import pty
 import re
 import signal
+import socket
 import struct
 import subprocess
 import termios
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .server import HOST, free_port
@@ -61,16 +63,12 @@ def free_rtp_port() -> int:
     """A free even UDP port whose odd neighbour (RTCP) is free too."""
     for _ in range(50):
         port = free_port(tcp=False)
-        if port % 2 == 0 and port + 1 < 65535:
-            with contextlib.suppress(RuntimeError):
-                if _udp_free(port + 1):
-                    return port
+        if port % 2 == 0 and port + 1 < 65535 and _udp_free(port + 1):
+            return port
     raise RuntimeError("no free RTP port pair on 127.0.0.1")
 
 
 def _udp_free(port: int) -> bool:
-    import socket
-
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         s.bind((HOST, port))
@@ -86,7 +84,7 @@ class Linphone:
 
     def __init__(self, workdir: Path, *, user: str, password: str, pbx: tuple[str, int],
                  transport: str = "udp", play: Path | None = None,
-                 record: Path | None = None, display: str | None = None) -> None:
+                 record: Path | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.user = user
@@ -95,7 +93,6 @@ class Linphone:
         self.transport = transport
         self.play = play
         self.record = record or workdir / "heard.wav"
-        self.display = display
         self.sip_port = free_port()
         self.rtp_port = free_rtp_port()
         self.rc_path = workdir / "linphonerc"
@@ -116,12 +113,11 @@ class Linphone:
             "[sip]",
             f"sip_port={self.sip_port}",
             f"sip_tcp_port={self.sip_port}",
-            "sip_tls_port=-1",
+            "sip_tls_port=0",  # 0: no TLS listener (-1 would be a random port)
             # RFC 4733 telephone-events, not SIP INFO.
             "use_rfc2833=1",
             "use_info=0",
             "ping_with_options=0",
-            "contact=" + self._contact_identity(),
             "[rtp]",
             f"audio_rtp_port={self.rtp_port}",
             "audio_adaptive_jitt_comp_enabled=1",
@@ -138,10 +134,6 @@ class Linphone:
             "history_max_size=0",
         ]
         self.rc_path.write_text("\n".join(lines) + "\n")
-
-    def _contact_identity(self) -> str:
-        name = f'"{self.display}" ' if self.display else ""
-        return f"{name}<sip:{self.user}@{HOST}>"
 
     # -- lifecycle ------------------------------------------------------------------------
     def start(self, timeout: float = START_TIMEOUT) -> None:
@@ -275,11 +267,12 @@ class Linphone:
         self._mark = match.end()
         return match
 
-    def _wait(self, done: object, timeout: float, what: str) -> str:
+    def _wait(self, done: Callable[[str], bool], timeout: float, what: str) -> str:
+        """Poll the output (bounded) until ``done`` holds; fail if linphonec exits first."""
         deadline = time.monotonic() + timeout
         while True:
             out = self.output()
-            if done(out):  # type: ignore[operator]
+            if done(out):
                 return out
             if self.proc is None or self.proc.poll() is not None:
                 raise AssertionError(f"linphonec {self.user} exited waiting for {what}:\n"
