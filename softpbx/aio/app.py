@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -21,10 +22,14 @@ from ..config.loader import resolve_path, split_host_port
 from ..config.schema import Config
 from ..core.events import OriginateRefused
 from ..core.switch import Switch
+from ..crm.webhook import WebhookSender
 from ..http.app import make_app
+from ..http.inspector import CrmInspector
+from ..store.outbox import OutboxDb
 from ..store.sqlite import SqliteStore
 from .driver import SwitchDriver
-from .recording import RecordingManager
+from .outbox import Outbox
+from .recording import FinishedRecording, RecordingManager
 from .rtp_transport import RtpRelay
 
 log = logging.getLogger("softpbx")
@@ -41,6 +46,8 @@ class Server:
         self.http_runner: web.AppRunner | None = None
         self.relay: RtpRelay | None = None
         self.recordings: RecordingManager | None = None
+        self.outbox: Outbox | None = None
+        self.inspector: CrmInspector | None = None
         self._housekeeping: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -52,6 +59,10 @@ class Server:
         self.store = SqliteStore(path=db_path)
         bindings = self.store.load_bindings(now=loop.time(), wall=time.time())
         self.switch.load_bindings(bindings)
+        # No TCP connection outlives the process: a binding registered over one has a dead flow.
+        for b in bindings:
+            if b.flow.reliable:
+                self.switch.flow_closed(b.flow, loop.time())
         log.info("store %s: %d registrations restored", db_path, len(bindings))
         _raise_nofile_limit()
         self.relay = RtpRelay(settings=cfg.media, loop=loop)
@@ -59,11 +70,12 @@ class Server:
         await self._resolve_gateways(loop)
         self.driver = SwitchDriver(switch=self.switch, store=self.store, loop=loop)
         self.switch.wall_offset = self.driver.wall_offset()  # refreshed by _housekeep
+        self._start_outbox(loop, db_path)
         if cfg.recording.enabled:
             rec_dir = resolve_path(cfg, cfg.recording.dir)
             self.recordings = RecordingManager(
                 settings=cfg.recording, directory=rec_dir, public_base_url=cfg.http.public_base_url,
-                store=self.store, loop=loop)
+                store=self.store, loop=loop, on_finished=self._recording_finished)
             await self.recordings.recover()
             self.driver.recordings = self.recordings
             log.info("recording calls into %s", rec_dir)
@@ -82,7 +94,8 @@ class Server:
         if cfg.http.http_port:
             app = make_app(switch=self.switch, clock=loop.time, cdr_fetch=self.store.recent_cdrs,
                            recording_lookup=self.store.recording_by_hash,
-                           originate=self._originate)
+                           originate=self._originate, outbox=self.outbox,
+                           inspector=self.inspector)
             self.http_runner = web.AppRunner(app, access_log=None)
             await self.http_runner.setup()
             site = web.TCPSite(self.http_runner, cfg.http.http_ip, cfg.http.http_port,
@@ -102,6 +115,43 @@ class Server:
         # every 10M allocations, ~10-20 s under load), so cycles from elsewhere (aiohttp,
         # tracebacks) that outlive the young collections are still reclaimed.
         gc.set_threshold(50_000, 20, 10)
+
+    def _start_outbox(self, loop: asyncio.AbstractEventLoop, db_path: str) -> None:
+        """The webhook outbox, posting to ``crm.webhook_url`` or to the built-in inspector.
+        Started before the listeners: a call's events are accepted from the first INVITE,
+        and what an earlier run left pending goes out now."""
+        crm, http = self.config.crm, self.config.http
+        url = crm.webhook_url
+        if not url:
+            if not http.http_port:
+                log.warning("CRM webhooks off: no crm.webhook_url and the HTTP server (and "
+                            "so the built-in inspector) is disabled")
+                return
+            self.inspector = CrmInspector()
+            host = http.http_ip
+            if host in ("0.0.0.0", "::"):
+                host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+            host = f"[{host}]" if ":" in host else host
+            url = f"http://{host}:{http.http_port}/crm/webhook"
+
+        def deliver(fn: Callable[[], None]) -> None:
+            # From the outbox's writer thread; after the loop closed there is nobody to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(fn)
+
+        sender = WebhookSender(url=url, timeout_s=crm.request_timeout_ms / 1000.0,
+                               max_in_flight=crm.max_in_flight, secret=crm.signature_secret)
+        assert self.driver is not None
+        self.outbox = Outbox(settings=crm, db=OutboxDb(path=db_path, deliver=deliver),
+                             sender=sender, loop=loop, on_answer=self.driver.crm_answer)
+        self.driver.outbox = self.outbox
+        self.outbox.start()
+        log.info("CRM webhooks to %s%s", url, " (built-in inspector at /crm/)"
+                 if self.inspector is not None else "")
+
+    def _recording_finished(self, result: FinishedRecording) -> None:
+        if self.driver is not None:
+            self.driver.recording_finished(result.call_id, result.link)
 
     def _originate(self, extension: str, number: str, *, caller_name: str = "",
                    auto_answer: bool = False) -> str | OriginateRefused:
@@ -194,6 +244,12 @@ class Server:
             await self.driver.transports.close()
         if self.recordings is not None:
             await self.recordings.aclose()
+        if self.outbox is not None:
+            # After the calls were hung up and the recordings finalised: their NOTIFY_END and
+            # NOTIFY_RECORD are committed (pending) before the outbox stops.
+            if self.driver is not None:
+                self.driver.kick()
+            await self.outbox.stop()
         if self.relay is not None:
             await self.relay.aclose()
         if self.store is not None:

@@ -10,10 +10,12 @@ import asyncio
 import logging
 import time
 
-from ..core.events import RecordingCodecs, StartRecording, StopRecording
+from ..core.events import RecordingCodecs, SendWebhook, StartRecording, StopRecording
+from ..core.notify import CrmAnswer
 from ..core.switch import Switch
 from ..sip.events import Flow
-from ..store.sqlite import SqliteStore
+from ..store.api import Store
+from .outbox import Outbox
 from .recording import RecordingManager
 from .sip_transport import SipTransports
 
@@ -23,7 +25,7 @@ log = logging.getLogger("softpbx.driver")
 class SwitchDriver:
     """The asyncio shell around one :class:`Switch`."""
 
-    def __init__(self, *, switch: Switch, store: SqliteStore | None,
+    def __init__(self, *, switch: Switch, store: Store | None,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.switch = switch
         self.store = store
@@ -35,6 +37,8 @@ class SwitchDriver:
                                         on_closed=self.flow_closed)
         self.recordings: RecordingManager | None = None
         """Set by the app when recording is on."""
+        self.outbox: Outbox | None = None
+        """Set by the app when CRM webhooks go somewhere (a URL or the inspector)."""
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._store_handle: asyncio.TimerHandle | None = None
@@ -79,7 +83,13 @@ class SwitchDriver:
         if action is not None:
             offset = self.wall_offset()
             while action is not None:
-                if isinstance(action, StartRecording):
+                if isinstance(action, SendWebhook):
+                    if self.outbox is not None:
+                        self.outbox.submit(action)
+                    elif action.wants_answer:  # no CRM to ask: route now, not at the deadline
+                        self.loop.call_soon(self.crm_answer, action.pbx_call_id,
+                                            CrmAnswer.failed("no CRM webhook destination"))
+                elif isinstance(action, StartRecording):
                     if self.recordings is not None:
                         self.recordings.start(action)
                 elif isinstance(action, StopRecording):
@@ -106,8 +116,26 @@ class SwitchDriver:
         if self.store is not None:
             self.store.hand_over()
 
+    def crm_answer(self, pbx_call_id: str, answer: CrmAnswer) -> None:
+        """The outcome of a NOTIFY_START's first attempt: into the switch, then flush."""
+        try:
+            self.switch.crm_answer(pbx_call_id, answer, self.loop.time())
+        except Exception:  # a bug in softpbx: logged with its traceback, the loop goes on
+            log.exception("internal error applying the CRM answer of %s", pbx_call_id)
+        self._after_input()
+
+    def recording_finished(self, call_id: str, link: str | None) -> None:
+        """A call's recording is final (``link`` None: not recorded): into the switch (its
+        NOTIFY_RECORD), then flush."""
+        try:
+            self.switch.recording_finished(call_id, link, self.loop.time())
+        except Exception:  # as above
+            log.exception("internal error reporting the recording of %s", call_id)
+        self._after_input()
+
     def kick(self) -> None:
-        """Re-arm the timer after state was installed from outside (start-up load)."""
+        """Flush what the switch queued and re-arm the timer after an input from outside the
+        transports (start-up load, a CRM answer, a finished recording)."""
         self._after_input()
 
     def close(self) -> None:

@@ -55,7 +55,7 @@ from ..media.mp3 import (
 from ..media.recorder import CallRecorder, Side
 from ..media.relay import RelaySession
 from ..media.relay import Side as RelaySide
-from ..store.sqlite import SqliteStore
+from ..store.api import Store
 
 log = logging.getLogger("softpbx.recording")
 
@@ -151,7 +151,7 @@ class RecordingManager:
     """Every recording in progress, and the recordings index."""
 
     def __init__(self, *, settings: RecordingSettings, directory: str, public_base_url: str,
-                 store: SqliteStore, loop: asyncio.AbstractEventLoop,
+                 store: Store, loop: asyncio.AbstractEventLoop,
                  on_finished: Callable[[FinishedRecording], None] | None = None,
                  workers: int = 2, max_queued_writes: int = MAX_QUEUED_WRITES) -> None:
         self.settings = settings
@@ -208,27 +208,22 @@ class RecordingManager:
         now = time.time()
         for item in plan:
             if item.outcome == "failed":
-                self.store.execute("UPDATE recordings SET status='failed', reason=?,"
-                                   " finished_at=? WHERE call_id=?",
-                                   (item.reason, now, item.call_id))
+                self.store.recording_failed(item.call_id, reason=item.reason, at=now)
                 self.failed += 1
                 log.warning("recording of %s lost to a restart: %s", item.call_id, item.reason)
                 continue
             assert item.file is not None
             token = new_token()
             if item.outcome == "new":
-                self.store.execute(
-                    "INSERT INTO recordings (call_id, token_hash, path, status, reason,"
-                    " duration, size, created_at, finished_at)"
-                    " VALUES (?,?,?,'ready',?,?,?,?,?)",
-                    (item.call_id, token_hash(token), item.path, item.reason,
-                     item.file.duration_seconds, item.file.size_bytes, item.created_at, now))
+                self.store.recording_found(
+                    item.call_id, token_hash=token_hash(token), path=item.path,
+                    duration=item.file.duration_seconds, size=item.file.size_bytes,
+                    created_at=item.created_at, at=now, reason=item.reason)
             else:
-                self.store.execute(
-                    "UPDATE recordings SET status='ready', token_hash=?, duration=?, size=?,"
-                    " finished_at=?, reason=? WHERE call_id=?",
-                    (token_hash(token), item.file.duration_seconds, item.file.size_bytes, now,
-                     item.reason, item.call_id))
+                self.store.recording_ready(
+                    item.call_id, duration=item.file.duration_seconds,
+                    size=item.file.size_bytes, at=now, token_hash=token_hash(token),
+                    reason=item.reason)
             self._report(self._published(item.call_id, token, item.file, item.reason))
         self.store.hand_over()
 
@@ -249,10 +244,8 @@ class RecordingManager:
             feed(caller if side is a_side else callee, data, loop_time())
 
         action.media.tap = tap
-        self.store.execute(
-            "INSERT OR REPLACE INTO recordings (call_id, token_hash, path, status, created_at)"
-            " VALUES (?,?,?,'recording',?)",
-            (act.call_id, token_hash(act.token), act.path, time.time()))
+        self.store.recording_started(act.call_id, token_hash=token_hash(act.token),
+                                     path=act.path, at=time.time())
         self.store.hand_over()
         channels = rec.channels
         level = self.settings.compression_level
@@ -346,10 +339,8 @@ class RecordingManager:
             except ENCODER_ERRORS as exc:
                 self._fail(act, f"could not finish the MP3: {exc}")
             else:
-                self.store.execute(
-                    "UPDATE recordings SET status='ready', duration=?, size=?, finished_at=?"
-                    " WHERE call_id=?",
-                    (f.duration_seconds, f.size_bytes, time.time(), act.call_id))
+                self.store.recording_ready(act.call_id, duration=f.duration_seconds,
+                                           size=f.size_bytes, at=time.time())
                 return self._published(act.call_id, act.token, f)
         if writer is not None:
             try:  # delete the .part (idempotent: close() already did on its error)
@@ -373,8 +364,7 @@ class RecordingManager:
                                  recovered=bool(note))
 
     def _not_recorded(self, call_id: str, reason: str) -> FinishedRecording:
-        self.store.execute("UPDATE recordings SET status='failed', reason=?, finished_at=?"
-                           " WHERE call_id=?", (reason, time.time(), call_id))
+        self.store.recording_failed(call_id, reason=reason, at=time.time())
         self.store.hand_over()
         self.failed += 1
         return FinishedRecording(call_id, None, reason=reason)
@@ -477,8 +467,7 @@ class RecordingManager:
     def _mark_deleted(self, call_ids: list[str], at: float) -> None:
         """Retention is removing these recordings' files: their links answer 410 from now on."""
         for call_id in call_ids:
-            self.store.execute("UPDATE recordings SET status='deleted', finished_at=?"
-                               " WHERE call_id=?", (at, call_id))
+            self.store.recording_deleted(call_id, at=at)
         self.store.hand_over()
 
     def _schedule_retention(self) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from softpbx.config.schema import (
+    CRM_EVENTS,
     AuthSettings,
     CallSettings,
     Config,
@@ -234,7 +235,7 @@ def describe(config: Config) -> str:
             if http.http_port
             else "disabled"
         ),
-        f"CRM webhook: {config.crm.webhook_url or 'built-in inspector'}"
+        f"CRM webhook: {config.crm.webhook_url or _inspector_url(http)}"
         + (f", click-to-call on (POST {config.crm.click_to_call_path})"
            if config.crm.click_to_call_token else ", click-to-call off (no token)"),
         "API auth: " + _api_auth(config),
@@ -535,6 +536,15 @@ def _url_or_empty(file: str, key: str, value: str) -> None:
     _url(file, key, value, allow_empty=True)
 
 
+def _crm_events(file: str, key: str, values: tuple[str, ...]) -> None:
+    # Empty is allowed: it sends no event at all (the CRM integration off).
+    for i, value in enumerate(values):
+        if value not in CRM_EVENTS:
+            _fail(file, f"{key}[{i}]", f"unknown event {value!r}; allowed: {', '.join(CRM_EVENTS)}")
+        if value in values[:i]:
+            _fail(file, f"{key}[{i}]", f"listed twice: {value!r}")
+
+
 # Old key -> its new name, per softpbx.toml section: files and --set written before the
 # rename keep working.
 _ALIASES: dict[str, dict[str, str]] = {"crm": {"token": "click_to_call_token"}}
@@ -612,7 +622,16 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "click_to_call_path": _http_path,
         "click_to_call_token": _header_token,
         "click_to_call_ring_s": _between(1, 600),
-        "click_to_call_min_interval_s": _between(0, 3600),"webhook_url": _url_or_empty, "answer_timeout_ms": _between(0, 60_000)},
+        "click_to_call_min_interval_s": _between(0, 3600),
+        "webhook_url": _url_or_empty,
+        "answer_timeout_ms": _between(0, 60_000),
+        "events": _crm_events,
+        "request_timeout_ms": _between(100, 600_000),
+        "max_in_flight": _between(1, 1000),
+        "retry_min_s": _between(0.01, 86_400),
+        "retry_max_s": _between(0.01, 86_400),
+        "give_up_after_h": _between(0.001, 24 * 365),
+    },
     Profile: {
         "sip_ip": _ip,
         "sip_port": _PORT,
@@ -766,6 +785,9 @@ def _check_settings(s: dict[str, Any]) -> None:
             _fail(f, "http.api_token", f"must be set when http.http_ip ({http.http_ip}) is not "
                                        "a loopback address (the /api/* endpoints would be "
                                        "open to the network)")
+    crm: CrmSettings = s["crm"]
+    if crm.retry_max_s < crm.retry_min_s:
+        _fail(f, "crm.retry_max_s", f"must be at least retry_min_s ({crm.retry_min_s})")
 
 
 def _toml_files(root: Path, sub: str) -> list[tuple[str, Path]]:
@@ -913,6 +935,13 @@ def _rewrites(file: str, key: str, value: Any) -> tuple[Rewrite, ...]:
 def _join_host_port(host: str, port: int) -> str:
     """``ip:port`` with IPv6 in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _inspector_url(http: HttpSettings) -> str:
+    """Where the built-in CRM inspector is (``webhook_url`` empty)."""
+    if not http.http_port:
+        return "none (no webhook_url and HTTP disabled: events are not sent)"
+    return f"built-in inspector at http://{_join_host_port(http.http_ip, http.http_port)}/crm/"
 
 
 def _api_auth(config: Config) -> str:

@@ -169,6 +169,11 @@ class HttpSettings:
     ``http_ip`` is not a loopback address, and checked whenever it is set."""
 
 
+CRM_EVENTS: tuple[str, ...] = ("NOTIFY_START", "NOTIFY_INTERNAL", "NOTIFY_END",
+                               "NOTIFY_OUT_START", "NOTIFY_OUT_END", "NOTIFY_RECORD")
+"""Every event of the CRM contract (crm-telephony-api.md §1)."""
+
+
 @dataclass(frozen=True, slots=True)
 class CrmSettings:
     """``softpbx.toml`` ``[crm]``: the CRM contract (``crm-telephony-api.md``)."""
@@ -193,6 +198,24 @@ class CrmSettings:
     limit)."""
     answer_timeout_ms: int = 1500
     """How long an inbound call waits for the CRM's answer to ``NOTIFY_START``."""
+    events: tuple[str, ...] = CRM_EVENTS
+    """Which events are sent (any of :data:`CRM_EVENTS`; empty sends none)."""
+    internal_calls: bool = False
+    """Whether extension-to-extension calls produce events at all."""
+    request_timeout_ms: int = 5000
+    """How long one delivery attempt may take before it counts as a timeout (and is retried)."""
+    max_in_flight: int = 16
+    """Requests to the CRM at the same time, all calls together."""
+    retry_min_s: float = 1.0
+    """First retry delay; each retry doubles it (with jitter) up to ``retry_max_s``."""
+    retry_max_s: float = 300.0
+    """Longest delay between two attempts of one event."""
+    give_up_after_h: float = 24.0
+    """Hours after which an undelivered event is given up (kept in the outbox, re-queueable)."""
+    signature_secret: str = ""
+    """Zadarma-style ``Signature`` header key (HMAC-SHA1); empty sends no signature."""
+    extra_fields: bool = False
+    """Add Zadarma's ``status_code`` and ``is_recorded`` to NOTIFY_END / NOTIFY_OUT_END."""
 
 
 @dataclass(frozen=True, slots=True)

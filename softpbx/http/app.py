@@ -16,6 +16,8 @@ from aiohttp import hdrs, web
 
 from ..core.switch import Switch
 from . import click_to_call
+from .inspector import CrmInspector
+from .webhooks import WebhookOutbox, add_routes
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -237,9 +239,12 @@ async def _send(request: web.Request, f: BinaryIO, st: os.stat_result) -> web.St
 def make_app(*, switch: Switch, clock: Callable[[], float],
              cdr_fetch: Callable[[int], list[dict[str, object]]],
              recording_lookup: Callable[[str], tuple[str, str, str] | None],
-             originate: click_to_call.Originate | None = None) -> web.Application:
+             originate: click_to_call.Originate | None = None,
+             outbox: WebhookOutbox | None = None,
+             inspector: CrmInspector | None = None) -> web.Application:
     """The aiohttp application; ``originate`` places click-to-call and ``POST /api/calls``
-    calls (see :mod:`softpbx.http.click_to_call`)."""
+    calls (see :mod:`softpbx.http.click_to_call`); ``outbox`` serves ``/api/webhooks``;
+    ``inspector`` is the built-in CRM under ``/crm/`` (``crm.webhook_url`` empty)."""
     app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
     app[SWITCH_KEY] = switch
     app[CLOCK_KEY] = clock
@@ -251,4 +256,8 @@ def make_app(*, switch: Switch, clock: Callable[[], float],
     app.router.add_get("/api/calls", calls)
     app.router.add_get("/api/cdr", cdrs)
     click_to_call.install(app, switch=switch, clock=clock, originate=originate)
+    if outbox is not None:
+        add_routes(app, outbox)
+    if inspector is not None:
+        app.add_routes(inspector.routes())
     return app

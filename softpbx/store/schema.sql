@@ -35,7 +35,8 @@ CREATE TABLE IF NOT EXISTS cdr (
     duration     INTEGER NOT NULL,  -- talk time, seconds
     disposition  TEXT NOT NULL,     -- answered | busy | cancel | no answer | failed
     sip_code     INTEGER NOT NULL,
-    cause        TEXT NOT NULL
+    cause        TEXT NOT NULL,
+    pbx_call_id  TEXT NOT NULL DEFAULT ''  -- the CRM's id of the call (in_/out_ + 40 hex), else ''
 );
 CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at);
 
@@ -51,3 +52,23 @@ CREATE TABLE IF NOT EXISTS recordings (
     finished_at REAL
 );
 CREATE INDEX IF NOT EXISTS recordings_created ON recordings (created_at);
+
+-- The CRM webhook outbox: every NOTIFY_* is committed here before its first attempt.
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,  -- commit order (= order within a call)
+    event_id        TEXT    NOT NULL UNIQUE,  -- X-Event-Id: <pbx_call_id>.<seq>
+    pbx_call_id     TEXT    NOT NULL,
+    seq             INTEGER NOT NULL,
+    event           TEXT    NOT NULL,         -- NOTIFY_START ... NOTIFY_RECORD
+    fields          TEXT    NOT NULL,         -- JSON array of [name, value], in POST order
+    state           TEXT    NOT NULL,         -- pending | delivered | failed | given_up
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL    NOT NULL,         -- Unix times
+    created_at      REAL    NOT NULL,
+    last_status     INTEGER,                  -- HTTP status of the last attempt (NULL: none)
+    last_error      TEXT    NOT NULL DEFAULT '',
+    last_latency_ms REAL,
+    delivered_at    REAL
+);
+CREATE INDEX IF NOT EXISTS outbox_state ON outbox (state, id);
+CREATE INDEX IF NOT EXISTS outbox_call ON outbox (pbx_call_id, id);
