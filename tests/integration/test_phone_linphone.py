@@ -316,6 +316,7 @@ def test_call_out_through_the_trunk(rig: Rig, phones: PhoneFactory, tmp_path: Pa
     row = rig.cdr_since(since, OUTSIDE)
     assert (row["direction"], row["gateway"], row["disposition"]) == \
         ("outbound", "carrier", "answered"), row
+    assert row["cause"] == "BYE from a", row
 
 
 def test_answer_a_did_call_from_the_carrier(rig: Rig, phones: PhoneFactory,
@@ -338,4 +339,4 @@ def test_answer_a_did_call_from_the_carrier(rig: Rig, phones: PhoneFactory,
     heard(alice, 440)
     row = rig.cdr_since(since, DID)
     assert (row["direction"], row["did"], row["extension"]) == ("inbound", DID, "101"), row
-    assert row["disposition"] == "answered", row
+    assert (row["disposition"], row["cause"]) == ("answered", "BYE from b1"), row
