@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import dataclass
 from enum import Enum
 from typing import Protocol
-from urllib.parse import quote
 
 from ..config.schema import Config, Gateway
 from ..media.ports import PortRangeExhausted
@@ -26,10 +24,9 @@ from ..media.relay import RelaySession
 from ..sip import sdp as sdpmod
 from ..sip.auth import Credentials
 from ..sip.events import Flow
-from ..sip.message import Request
 from ..sip.sdp import SdpError
-from ..sip.stack import new_tag
 from ..sip.transaction import ServerTransaction
+from .callee import legs_for
 from .events import (
     CallRecord,
     LegAnswered,
@@ -47,8 +44,16 @@ from .events import (
     WriteCdr,
 )
 from .leg import InboundLeg, Leg, LegHost, OutboundLeg
-from .negotiation import MediaNegotiation, Started, build_offer, codec_map
+from .negotiation import MediaNegotiation, Started, codec_map
 from .notify import CrmAnswer, Notifier
+from .outcome import (
+    NO_ROUTE,
+    RING_TIMEOUT,
+    Failure,
+    best_failure,
+    caller_status,
+    disposition_of,
+)
 from .registrar import Registrar
 from .routing import Direction, ExtensionTarget, GatewayTarget, Route, Router, Stage
 from .timers import TimerQueue
@@ -105,82 +110,25 @@ TRANSITIONS: dict[CallState, frozenset[CallState]] = {
     S.ENDED: frozenset(),
 }
 
-# How a set of callee failures is reported to the caller, best first (RFC 3261 §16.7 spirit).
-_FAIL_ORDER = (486, 600, 603, 480, 408, 404, 484, 604, 403, 503, 502, 500)
-
-# Final answers a callee leg's code may be passed on to the caller as: they say something
-# about the callee or the number, which the caller can act on.
-_FORWARDABLE = frozenset({403, 404, 408, 410, 480, 482, 483, 484, 485, 486, 487, 488, 503})
-
-
-def caller_status(status: int, *, trunk: bool) -> int:
-    """The code a callee leg's failure ``status`` is reported to the caller as.
-
-    Codes about *our* request to the callee are not the caller's business and would
-    mislead it (RFC 3261 §16.7 step 6 spirit; a B2BUA is the UAC of that request): a trunk's
-    401/407 challenge we could not answer (forwarding it would make the caller send us
-    credentials for the provider's realm) or 402 is the route being unusable, ``503``; a
-    redirect we do not follow (3xx) means the callee cannot be reached here, ``480``; 420,
-    422, 423, 481, 491 and the other refusals of our request's form, and any 5xx but 503,
-    are a failure past us, ``502``. A trunk that never answers is down (``503``), not a
-    callee that did not pick up. 6xx are global answers, passed on as they are.
-    """
-    if trunk and status == 408:
-        return 503
-    if status in _FORWARDABLE or 600 <= status < 700:
-        return status
-    if 300 <= status < 400:
-        return 480
-    if status in (401, 402, 407):
-        return 503
-    return 502
-
-
-def disposition_of(code: int) -> str:
-    """The CRM/CDR disposition of a callee failure reported to the caller as ``code``:
-    486/600/603 ``busy``; 408/480 ``no answer``; 487 ``cancel``; the rest ``failed``."""
-    if code in (486, 600, 603):
-        return "busy"
-    if code in (408, 480):
-        return "no answer"
-    if code == 487:
-        return "cancel"
-    return "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """One reason nobody took the call: the code the caller is told, and what it means."""
-
-    code: int
-    disposition: str
-
-
-NOT_REGISTERED = Failure(480, "failed")
-"""An extension with no registered phone: the caller hears 480, the CRM sees ``failed``."""
-RING_TIMEOUT = Failure(480, "no answer")
-AT_CAPACITY = Failure(503, "failed")
-NO_ROUTE = Failure(404, "failed")
-
-
 class Call:
     """One call through the switch."""
 
+    originated = False
+    """Whether softpbx placed the call's first leg (click-to-call)."""
+
     def __init__(self, *, host: CallHost, route: Route, now: float, caller_number: str,
                  caller_name: str, tx: ServerTransaction | None = None, flow: Flow | None = None,
-                 caller_extension: str = "", from_gateway: str = "",
-                 originate_from: str = "") -> None:
-        """An offered call (``tx``, ``flow``: the caller's INVITE), or, with
-        ``originate_from`` (the employee's extension), a call we originate."""
+                 caller_extension: str = "", from_gateway: str = "") -> None:
+        """An offered call: ``tx``, ``flow`` are the caller's INVITE (:class:`.originate.
+        OriginatedCall` passes neither)."""
         self.host = host
         self.route = route
-        prefix = "out" if originate_from else _PREFIX[route.direction]
+        prefix = "out" if self.originated else _PREFIX[route.direction]
         token = secrets.token_hex(20)
         self.id = f"{prefix}_{token}"
         """Permanent id of the call (CDRs)."""
         self.pbx_call_id = f"in_{token}" if prefix == "int" else self.id
         """The id the CRM knows the call by (the spec allows only ``in_``/``out_``)."""
-        self.originated = bool(originate_from)
         self.state = CallState.NEW
         self.timers: dict[str, int] = {}
         self.created_at = now
@@ -192,10 +140,8 @@ class Call:
         self.caller_name = caller_name
         self.caller_extension = caller_extension
         self.from_gateway = from_gateway
-        self._leg_count = 0
+        self.leg_count = 0
         self.a: InboundLeg | OutboundLeg
-        self.a_forks: list[OutboundLeg] = []
-        """Originated calls: the employee's phones still ringing."""
         if tx is not None:
             assert flow is not None
             self.a = InboundLeg(host=host, call=self, tx=tx, flow=flow)
@@ -208,7 +154,7 @@ class Call:
         """Callee legs of the current stage still in play."""
         self.answered: OutboundLeg | None = None
         self.stage = -1
-        self._failures: list[Failure] = []
+        self.failures: list[Failure] = []
         self.alerted: list[str] = []
         """Extensions that alerted (first provisional or answer), in order: each got its
         NOTIFY_INTERNAL."""
@@ -219,7 +165,7 @@ class Call:
         """Per side, when it last started being expected to send RTP (answer, resume): the
         RTP timeout counts from there when the relay saw nothing later."""
         self._recorded = False
-        self._gateway_used = ""
+        self.gateway_used = ""
         """The gateway of the latest trunk leg tried (the CDR of a failed outbound call)."""
         self._events = False
         """Whether this call produces CRM events (inbound, outbound, internal when asked)."""
@@ -259,36 +205,6 @@ class Call:
                 self.host.timers.schedule(self, "crm_wait", now + crm.answer_timeout_ms / 1000)
                 return
         self._route(now)
-
-    def originate(self, bindings: list, now: float, *, caller_name: str = "",
-                  auto_answer: bool = False) -> bool:
-        """Click-to-call: ring every phone of the employee (``bindings``) with our own
-        offer, showing the client's number (``route.dialled``) and ``caller_name``."""
-        if not self._open_media(now):
-            return False
-        assert self.neg is not None
-        self._events = True
-        offer = self.neg.offer_for_a(build_offer(self.host.config.media.codecs))
-        domain = self.host.config.global_.domain
-        number = _user(self.route.dialled)
-        extra = []
-        if auto_answer:  # desk phones' two dialects of "answer at once"
-            extra = [("Call-Info", f"<sip:{domain}>;answer-after=0"),
-                     ("Alert-Info", "<http://127.0.0.1>;info=alert-autoanswer")]
-        for b in bindings:
-            leg = self._make_leg(flow=b.flow, ruri=b.contact,
-                                 to=f"<sip:{self.caller_extension}@{domain}>", credentials=None,
-                                 caller=(number, caller_name), body=offer, extra=extra,
-                                 label="a")
-            leg.extension = self.caller_extension
-            self.a_forks.append(leg)
-        self.a = self.a_forks[0]
-        self._set_state(CallState.ORIGINATING, now)
-        timeout = getattr(self.host.config.crm, "click_to_call_ring_s", 30)
-        self.host.timers.schedule(self, "employee_no_answer", now + timeout)
-        for leg in self.a_forks:
-            leg.start(now)
-        return True
 
     def _open_media(self, now: float) -> bool:
         try:
@@ -350,7 +266,7 @@ class Call:
         """Ring the route's first stage that has somebody to ring."""
         self._set_state(CallState.ROUTING, now)
         if not self.route.stages:
-            self._failures.append(NO_ROUTE)
+            self.failures.append(NO_ROUTE)
         self._next_stage(now)
 
     # -- stages and callee legs ---------------------------------------------------------------
@@ -359,7 +275,7 @@ class Call:
         while self.stage + 1 < len(stages):
             self.stage += 1
             stage = stages[self.stage]
-            legs = [leg for t in stage.targets for leg in self._legs_for(t, now)]
+            legs = [leg for t in stage.targets for leg in legs_for(self, t, now)]
             if not legs:
                 continue
             self.b_legs = legs
@@ -370,87 +286,14 @@ class Call:
             return
         self._give_up(now)
 
-    def _legs_for(self, target, now: float) -> list[OutboundLeg]:
-        if isinstance(target, ExtensionTarget):
-            bindings = self.host.registrar.lookup(target.extension, now)
-            if not bindings:
-                self._failures.append(NOT_REGISTERED)
-                return []
-            legs = []
-            for b in bindings:
-                to = f"<sip:{target.extension}@{self.host.config.global_.domain}>"
-                leg = self._make_leg(flow=b.flow, ruri=b.contact, to=to, credentials=None)
-                leg.extension = target.extension
-                legs.append(leg)
-            return legs
-        assert isinstance(target, GatewayTarget)
-        gw = self.host.gateway(target.gateway)
-        self._gateway_used = gw.name
-        if gw.max_calls and self.host.gateway_calls(gw.name) >= gw.max_calls:
-            log.warning("gateway %s is at its %d-call limit", gw.name, gw.max_calls)
-            self._failures.append(AT_CAPACITY)
-            return []
-        flow = self.host.gateway_flow(gw)
-        host = gw.realm or gw.proxy
-        creds = Credentials(gw.username, gw.password, gw.auth_algorithms) if gw.username else None
-        # A DID forwarded out (no caller ID of its own configured) shows the original caller.
-        caller = (None if self.route.direction is Direction.INBOUND and not target.caller_id_number
-                  else (target.caller_id_number, target.caller_id_name))
-        account = None if gw.caller_id_in_from else (gw.from_user or gw.username or None)
-        leg = self._make_leg(flow=flow, ruri=f"sip:{_user(target.number)}@{gw.proxy}",
-                             to=f"<sip:{_user(target.number)}@{host}>", credentials=creds,
-                             caller=caller, host=host, account=account)
-        leg.gateway = gw.name
-        return [leg]
-
-    def _make_leg(self, *, flow: Flow, ruri: str, to: str, credentials: Credentials | None,
-                  caller: tuple[str, str] | None = None, host: str | None = None,
-                  account: str | None = None, body: bytes | None = None,
-                  extra: list[tuple[str, str]] | None = None,
-                  label: str = "b") -> OutboundLeg:
-        """``account``: the From user is this trunk account, and the caller ID goes in
-        ``P-Asserted-Identity`` (RFC 3325; a gateway with ``caller_id_in_from = false``).
-        ``body``: the SDP offered (default: the ``a`` party's, rewritten for side B)."""
-        self._leg_count += 1
-        number, name = caller if caller is not None else (self.caller_number, self.caller_name)
-        number = _user(number or self.caller_number or "anonymous")
-        from_host = host or self.host.config.global_.domain
-        disp = f'"{_quote(name)}" ' if name else ""
-        identity: list[tuple[str, str]] = []
-        if account is not None:
-            identity = [("P-Asserted-Identity", f"{disp}<sip:{number}@{from_host}>")]
-            number = _user(account)
-        if body is None:
-            assert self.neg is not None
-            body = self.neg.offer_for_b()
-        mf = getattr(self.a, "request", None)
-        mf = mf.max_forwards if isinstance(mf, Request) and not self.originated else None
-        headers = [
-            ("Max-Forwards", str(max(0, (mf if mf is not None else 70) - 1))),
-            ("From", f"{disp}<sip:{number}@{from_host}>;tag={new_tag()}"),
-            ("To", to),
-            ("Call-ID", f"{secrets.token_hex(16)}@{self.host.config.global_.domain}"),
-            ("CSeq", "1 INVITE"),
-            ("Contact", self.host.contact_for(flow)),
-            *identity,
-            *(extra or ()),
-            ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"),
-            ("Content-Type", "application/sdp"),
-            ("Content-Length", str(len(body))),
-        ]
-        req = Request("INVITE", ruri, headers, body)
-        return OutboundLeg(host=self.host, call=self, flow=flow,
-                           label=f"{label}{self._leg_count}", request=req,
-                           credentials=credentials)
+    def max_forwards(self) -> int | None:
+        """The caller's Max-Forwards, which the callee legs count down (RFC 3261 §16.6)."""
+        return self.a.request.max_forwards
 
     def _give_up(self, now: float) -> None:
-        codes = [f.code for f in self._failures]
-        code = next((c for c in _FAIL_ORDER if c in codes), None)
-        if code is None:
-            code = codes[0] if codes else 480
-        disposition = next((f.disposition for f in self._failures if f.code == code),
-                           disposition_of(code))
-        self._end(now, code, f"no callee answered ({code})", disposition=disposition)
+        failure = best_failure(self.failures)
+        self._end(now, failure.code, f"no callee answered ({failure.code})",
+                  disposition=failure.disposition)
 
     # -- events from legs ---------------------------------------------------------------------
     def handle(self, event: LegEvent, now: float) -> None:
@@ -458,9 +301,6 @@ class Call:
         if self.state is CallState.ENDED:
             return
         leg = event.leg
-        if self.state is CallState.ORIGINATING and leg in self.a_forks:
-            self._employee_event(event, now)
-            return
         if isinstance(event, LegRinging):
             if leg in self.b_legs:
                 self.last_rang = leg  # type: ignore[assignment]
@@ -469,8 +309,7 @@ class Call:
                 if event.sdp:
                     assert self.neg is not None
                     sdp_out = self.neg.callee_answer(event.sdp, self.id)
-                if isinstance(self.a, InboundLeg):
-                    self.a.ring(sdp_out, now)
+                self._caller_ringing(sdp_out, now)
                 if self.state is CallState.ROUTING:
                     self._set_state(CallState.RINGING, now)
         elif isinstance(event, LegAnswered):
@@ -481,7 +320,7 @@ class Call:
             if leg in self.b_legs:
                 self.b_legs.remove(leg)  # type: ignore[arg-type]
                 code = caller_status(event.status, trunk=bool(leg.gateway))
-                self._failures.append(Failure(code, disposition_of(code)))
+                self.failures.append(Failure(code, disposition_of(code)))
                 if 600 <= event.status < 700:
                     # A global failure (RFC 3261 §16.7 step 5 spirit): the callee said no
                     # for all its phones; the others of the stage stop ringing.
@@ -522,46 +361,8 @@ class Call:
         if not ext or ext in self.alerted:
             return
         self.alerted.append(ext)
-        if self._events and not self.originated and self.route.direction is not Direction.OUTBOUND:
+        if self._events and not self._outbound_for_crm:
             self.host.notifier.internal(self, self.route.dialled, ext)
-
-    def _employee_event(self, event: LegEvent, now: float) -> None:
-        """Click-to-call: what the employee's phones do before one answers."""
-        leg = event.leg
-        if isinstance(event, LegAnswered):
-            self._employee_answered(leg, event.sdp, now)  # type: ignore[arg-type]
-        elif isinstance(event, LegFailed):
-            self.a_forks.remove(leg)  # type: ignore[arg-type]
-            code = caller_status(event.status, trunk=False)
-            self._failures.append(Failure(code, disposition_of(code)))
-            if not self.a_forks or 600 <= event.status < 700:
-                for other in self.a_forks:
-                    other.cancel(now)
-                self.a_forks = []
-                self._give_up(now)
-
-    def _employee_answered(self, leg: OutboundLeg, raw: bytes | None, now: float) -> None:
-        assert self.neg is not None
-        for other in self.a_forks:
-            if other is not leg:
-                other.cancel(now, answered_elsewhere=True)
-        self.a_forks = []
-        self.a = leg
-        TimerQueue.cancel(self, "employee_no_answer")
-        try:
-            answer = sdpmod.parse_sdp(raw or b"")
-            if not any(m.is_rtp and m.port for m in answer.media):
-                raise SdpError("no RTP media")
-        except SdpError as exc:
-            leg.hangup(now)
-            self._end(now, 488, f"employee's phone answered without usable SDP: {exc}")
-            return
-        self.neg.set_a(answer)
-        self._failures = []
-        self._schedule_max_duration(now)
-        log.info("call %s: employee %s answered; dialling %s", self.id, self.caller_extension,
-                 self.route.dialled)
-        self._route(now)
 
     @property
     def recorded(self) -> bool:
@@ -586,11 +387,23 @@ class Call:
             leg.hangup(now)
             self._end(now, 488, "callee answered without usable SDP")
             return
-        if isinstance(self.a, InboundLeg):
-            self.a.answer(sdp_out, now)
-        # An originated call's employee keeps the session it answered: the callee was offered
-        # what the employee chose, so both talk the same codec through the relay.
+        self._caller_answer(sdp_out, now)
         self._set_state(CallState.ANSWERED, now)
+
+    def _caller_ringing(self, sdp: bytes | None, now: float) -> None:
+        """A callee alerts: the caller hears 180 (or 183 with the early media's SDP)."""
+        assert isinstance(self.a, InboundLeg)
+        self.a.ring(sdp, now)
+
+    def _caller_answer(self, sdp: bytes, now: float) -> None:
+        """A callee answered: the caller gets our 2xx with the relayed SDP."""
+        assert isinstance(self.a, InboundLeg)
+        self.a.answer(sdp, now)
+
+    @property
+    def _outbound_for_crm(self) -> bool:
+        """Whether the CRM sees this call as outbound (NOTIFY_OUT_*), else inbound."""
+        return self.route.direction is Direction.OUTBOUND
 
     def _on_hangup(self, leg: Leg, cause: str, now: float) -> None:
         if leg is self.a:
@@ -623,47 +436,21 @@ class Call:
             log.warning("call %s: no CRM answer within %d ms; routing normally", self.id,
                         self.host.config.crm.answer_timeout_ms)
             self._route(now)
-        elif name == "employee_no_answer" and self.state is CallState.ORIGINATING:
-            for leg in self.a_forks:
-                leg.cancel(now)
-            self.a_forks = []
-            self._end(now, 480, "the employee did not answer", disposition="no answer")
         elif name == "no_answer" and self.state in (CallState.ROUTING, CallState.RINGING):
             for b in self.b_legs:
                 b.cancel(now)
             self.b_legs = []
-            self._failures.append(RING_TIMEOUT)
+            self.failures.append(RING_TIMEOUT)
             self._next_stage(now)
         elif name == "max_duration":
             self._hangup_all(now, "maximum call duration reached", unanswered=408)
-        elif name == "rtp_check" and self.state is CallState.ANSWERED and self.media is not None:
+        elif name == "rtp_check" and self.state is CallState.ANSWERED and self.neg is not None:
             timeout = self.host.config.media.rtp_timeout
-            silent = self._silent_side(now, timeout)
+            silent = self.neg.silent_side(now, timeout, self._silent_since)
             if silent:
                 self._hangup_all(now, f"no RTP from the {silent} for {timeout} s", unanswered=408)
             else:
                 self.host.timers.schedule(self, "rtp_check", now + min(timeout, 5.0))
-
-    def _silent_side(self, now: float, timeout: float) -> str:
-        """``caller``/``callee`` when that side has sent no RTP for ``timeout`` seconds while
-        it is expected to send, else "".
-
-        Each side is watched on its own: a phone gone from Wi-Fi while the trunk keeps
-        sending must time out. A side is expected to send when its own SDP and its peer's
-        both say ``sendrecv`` with a real address (RFC 3264 §5.1, §6.1: the answer mirrors
-        the offer). So nobody is watched while the call is on hold in either direction
-        (``sendonly``/``recvonly``/``inactive``, ``c=0.0.0.0``): the holding phone says it
-        sends music on hold, but many send nothing at all, and a held call must not drop
-        (Asterisk keeps a separate ``rtpholdtimeout``, off by default). Silence counts from
-        the answer, or from when the side was last expected to start sending again (a
-        resume), whichever the relay saw last.
-        """
-        assert self.media is not None and self.neg is not None
-        sending = self.neg.sending()
-        for key, side, who in (("a", self.media.a, "caller"), ("b", self.media.b, "callee")):
-            if sending[key] and now - max(side.last_rx_at, self._silent_since[key]) > timeout:
-                return who
-        return ""
 
     def shutdown(self, now: float) -> None:
         """The switch stops: BYE the answered legs, CANCEL the ringing ones, ``487`` the
@@ -677,9 +464,9 @@ class Call:
     def _hangup_all(self, now: float, cause: str, *, unanswered: int,
                     disposition: str | None = None) -> None:
         """End the call from our side: ``unanswered`` is what a caller still waiting hears."""
-        for b in (*self.b_legs, *self.a_forks):
+        for b in self.b_legs:
             b.hangup(now)
-        if self.state is CallState.ANSWERED or self.originated:
+        if self.state is CallState.ANSWERED:
             self.a.hangup(now)
         self._end(now, 200 if self.state is CallState.ANSWERED else unanswered, cause,
                   disposition=disposition)
@@ -692,7 +479,7 @@ class Call:
         self.state = new
         log.info("call %s %s -> %s", self.id, old.value, new.value)
         if new is CallState.ROUTING:
-            if self._events and (self.originated or self.route.direction is Direction.OUTBOUND):
+            if self._events and self._outbound_for_crm:
                 self.host.notifier.out_start(self, self._outbound_caller_id(),
                                              self.caller_extension, self.route.dialled)
         elif new is CallState.ANSWERED:
@@ -744,13 +531,13 @@ class Call:
             callee=self.route.dialled, did=self.route.dialled if inbound else "",
             extension=extension,
             gateway=(self.from_gateway or (answered_leg.gateway if answered_leg else "")
-                     or self._gateway_used),
+                     or self.gateway_used),
             started_at=self.created_at, answered_at=self.answered_at, ended_at=now,
             disposition=self.disposition, sip_code=self.sip_code, cause=self.cause,
             caller_extension=self.caller_extension, pbx_call_id=self.pbx_call_id)
         if self._events:
             notifier = self.host.notifier
-            if self.originated or self.route.direction is Direction.OUTBOUND:
+            if self._outbound_for_crm:
                 notifier.out_end(self, self._outbound_caller_id(), self.caller_extension,
                                  self.route.dialled, duration=rec.duration,
                                  disposition=self.disposition, sip_code=self.sip_code,
@@ -770,12 +557,11 @@ class Call:
         """Let go of what a finished call no longer needs. Its legs may live on for a few
         seconds in transactions that still absorb retransmissions; they must not keep the
         call, its SDP and its media alive (nor leave cycles for the garbage collector)."""
-        legs = [self.a, *self.b_legs, *self.a_forks, *([self.answered] if self.answered else [])]
+        legs = [self.a, *self.b_legs, *([self.answered] if self.answered else [])]
         for leg in legs:
             leg.call = _ENDED
             leg.request.shrink()
         self.b_legs = []
-        self.a_forks = []
         self.media = None
         self.neg = None
 
@@ -790,13 +576,16 @@ class Call:
         else:
             code = code if code >= 300 else 480
             self.disposition = disposition or disposition_of(code)
-            if isinstance(self.a, InboundLeg):
-                self.a.reject(code, None, now)
-            elif hasattr(self, "a"):
-                self.a.hangup(now)  # the employee of a click-to-call that did not connect
+            self._release_caller(code, now)
         self.sip_code = code
         log.info("call %s ended: %s (%d, %s)", self.id, self.disposition, code, cause)
         self._set_state(CallState.ENDED, now)
+
+
+    def _release_caller(self, code: int, now: float) -> None:
+        """The call ends unanswered: the caller still waiting gets ``code``."""
+        assert isinstance(self.a, InboundLeg)
+        self.a.reject(code, None, now)
 
 
 _PREFIX = {Direction.INBOUND: "in", Direction.OUTBOUND: "out", Direction.INTERNAL: "int"}
@@ -814,16 +603,3 @@ class _EndedCall:
 
 
 _ENDED = _EndedCall()
-
-
-def _user(text: str) -> str:
-    """``text`` as a SIP URI user part (RFC 3261 §25.1 ``user``): a number as a trunk sent it
-    may hold characters (an unescaped ``@``, a space) that would break the URI we build."""
-    return quote(text, safe="-_.!~*'()&=+$,;?/")
-
-
-def _quote(text: str) -> str:
-    """``text`` inside a quoted-string (RFC 3261 §25.1: ``quoted-pair`` for ``"`` and ``\\``;
-    control characters cannot be quoted at all and are dropped)."""
-    text = "".join(ch for ch in text if ch >= " " and ch != "\x7f")
-    return text.replace("\\", "\\\\").replace('"', '\\"')

@@ -35,7 +35,6 @@ from .events import (
 from .timers import TimerQueue
 
 
-
 class LegOwner(Protocol):
     """What a leg reports to (a :class:`~.call.Call`; a finished call's stand-in)."""
 

@@ -175,6 +175,26 @@ class MediaNegotiation:
         out.update(codec_map(self.sdp_b))
         return out
 
+    def silent_side(self, now: float, timeout: float, since: dict[str, float]) -> str:
+        """``caller``/``callee`` when that side has sent no RTP for ``timeout`` seconds while
+        it is expected to send, else "".
+
+        Each side is watched on its own: a phone gone from Wi-Fi while the trunk keeps
+        sending must time out. A side is expected to send when its own SDP and its peer's
+        both say ``sendrecv`` with a real address (RFC 3264 §5.1, §6.1: the answer mirrors
+        the offer). So nobody is watched while the call is on hold in either direction
+        (``sendonly``/``recvonly``/``inactive``, ``c=0.0.0.0``): the holding phone says it
+        sends music on hold, but many send nothing at all, and a held call must not drop
+        (Asterisk keeps a separate ``rtpholdtimeout``, off by default). Silence counts from
+        the answer, or from ``since[side]`` (when it was last expected to start sending
+        again: a resume), whichever the relay saw last.
+        """
+        sending = self.sending()
+        for key, side, who in (("a", self.media.a, "caller"), ("b", self.media.b, "callee")):
+            if sending[key] and now - max(side.last_rx_at, since[key]) > timeout:
+                return who
+        return ""
+
     # -- re-negotiation (hold/resume) ---------------------------------------------------------
     def adopt(self, sdps: dict[bool, SessionDescription]) -> Started:
         """New SDP in force (key: ``is_a``); returns the sides that started sending."""

@@ -29,11 +29,13 @@ from ..sip.stack import SipStack, new_tag
 from ..sip.transaction import ServerTransaction
 from ..sip.uri import split_hostport
 from .call import Call, MediaRelay
-from .events import Action, Binding, WriteCdr
+from .events import Action, Binding, OriginateRefused, WriteCdr
 from .gateway_reg import GatewayRegistration
 from .leg import Leg
+from .notify import CrmAnswer, Notifier
+from .originate import OriginatedCall
 from .registrar import IntervalTooBrief, Registrar
-from .routing import NoRoute, Router
+from .routing import Direction, NoRoute, Router
 from .security import FailureTracker, RateLimitedLog, loggable
 from .timers import TimerQueue
 
@@ -114,6 +116,9 @@ class Switch:
                                            timers=self.timers)
         self.gateways = gateway_matcher(config.gateways)
         self._actions: deque[Action] = deque()
+        self.notifier = Notifier(settings=config.crm, timezone=config.global_.timezone,
+                                 emit=self._actions.append)
+        """The one maker of CRM events (NOTIFY_*)."""
         self.wall_offset = 0.0
         """Wall-clock (Unix) time minus ``now``; the shell keeps it current. The core reads no
         clock: this only dates what goes on the wire (``Date`` in a REGISTER's 200)."""
@@ -434,6 +439,10 @@ class Switch:
                 # account name): the number dialled is then in To.
                 dialled = req.to.uri.unescaped_user
             route = self.router.from_gateway(gateway, dialled)
+            if isinstance(route, NoRoute):
+                # The CRM still hears of the call and may redirect it; else it fails (404).
+                log.info("no inbound route for %r from %s", dialled, flow)
+                route = self.router.unrouted(Direction.INBOUND, dialled)
             frm = req.from_
             caller_number, caller_name = frm.uri.unescaped_user, frm.display or ""
             caller_ext = ""
@@ -474,6 +483,73 @@ class Switch:
         log.info("call %s: %s %s -> %s from %s", call.id, route.direction.value,
                  caller_number, dialled, flow)
         call.start(now)
+
+    # -- inputs from the CRM side -------------------------------------------------------------
+    def crm_answer(self, pbx_call_id: str, answer: CrmAnswer, now: float) -> None:
+        """The first attempt of a call's NOTIFY_START came back (``answer``: the parsed
+        body, or :meth:`CrmAnswer.failed`). Late answers are ignored by the call."""
+        call = self.calls.get(pbx_call_id)
+        if call is not None:
+            call.on_crm_answer(answer, now)
+            self._drain(now)
+
+    def recording_finished(self, call_id: str, link: str | None, now: float) -> None:
+        """A call's recording is final: ``link`` to it, or ``None`` when it failed."""
+        pbx_call_id = f"in_{call_id[4:]}" if call_id.startswith("int_") else call_id
+        self.notifier.record(pbx_call_id, link)
+
+    def originate(self, extension: str, number: str, now: float, *, caller_name: str = "",
+                  auto_answer: bool = False) -> str | OriginateRefused:
+        """Click-to-call (crm-telephony-api.md §5): ring ``extension``'s phones, then dial
+        ``number`` (normalised already) through the dial plan and bridge the two. Returns
+        the new call's ``pbx_call_id``, or why nothing was placed."""
+        ext = self.extensions.get(extension)
+        if ext is None:
+            return OriginateRefused(404, f"from: unknown extension {extension!r}", "from")
+        bindings = self.registrar.lookup(extension, now)
+        if not bindings:
+            return OriginateRefused(409, f"from: extension {extension} is not registered",
+                                    "from")
+        if self.extension_busy(extension):
+            return OriginateRefused(429, f"from: extension {extension} is already in a call",
+                                    "from")
+        if not number or number == extension:
+            return OriginateRefused(400, "to: must be another number than from", "to")
+        route = self.router.from_extension(extension, number)
+        if isinstance(route, NoRoute):
+            return OriginateRefused(422, f"to: no route for {number!r}", "to")
+        if self.relay is None:
+            return OriginateRefused(503, "no media relay", "")
+        call = OriginatedCall(host=self, route=route, now=now,
+                              caller_number=ext.effective_caller_id_number or ext.id,
+                              caller_name=ext.effective_caller_id_name,
+                              caller_extension=extension)
+        if not call.originate(bindings, now, caller_name=caller_name, auto_answer=auto_answer):
+            return OriginateRefused(503, "no media ports free", "")
+        self.calls[call.id] = call
+        log.info("call %s: click-to-call %s -> %s", call.id, extension, number)
+        self._drain(now)
+        return call.pbx_call_id
+
+    def extension_busy(self, extension: str) -> bool:
+        """Whether ``extension`` is in a live call (placing it, ringing or talking)."""
+        for call in self.calls.values():
+            if call.caller_extension == extension:
+                return True
+            if call.answered is not None and call.answered.extension == extension:
+                return True
+        return False
+
+    def hang_up(self, call_id: str, now: float) -> bool:
+        """End a live call from our side (the API); whether there was such a call."""
+        call = self.calls.get(call_id)
+        if call is None:
+            call = next((c for c in self.calls.values() if c.pbx_call_id == call_id), None)
+        if call is None:
+            return False
+        call.hang_up(now)
+        self._drain(now)
+        return True
 
     def shutdown(self, now: float) -> None:
         """The switch is stopping: hang up every live call -- BYE to answered legs, CANCEL
