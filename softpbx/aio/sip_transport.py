@@ -142,7 +142,8 @@ class TcpRegistry:
         self._by_ip: dict[str, dict[ConnKey, TcpConnection]] = {}
         self.evicted = 0
         """Connections closed to make room for a new one (a cap was reached)."""
-        self._evict_logged_at = -1e9
+        self._evict_logged_at: dict[str, float] = {}
+        """Per cap, when its warning was last written (one line per 10 s under a flood)."""
 
     def add(self, conn: TcpConnection) -> None:
         """A new connection: register it, closing the idlest one beyond a cap."""
@@ -153,16 +154,16 @@ class TcpRegistry:
         victim: TcpConnection | None = None
         if per_ip is not None and len(per_ip) >= self.max_per_ip:
             victim = next(iter(per_ip.values()))
-            why = f"{len(per_ip)} connections from {ip} (tcp_max_connections_per_ip)"
+            cap, why = "tcp_max_connections_per_ip", f"{len(per_ip)} connections from {ip}"
         elif len(self.conns) >= self.max_connections:
             victim = next(iter(self.conns.values()))
-            why = f"{len(self.conns)} connections (tcp_max_connections)"
+            cap, why = "tcp_max_connections", f"{len(self.conns)} connections"
         if victim is not None:
             self.evicted += 1
             now = conn.last_activity
-            if now - self._evict_logged_at >= 10.0:  # one line per 10 s under a flood
-                self._evict_logged_at = now
-                log.warning("tcp: %s; closing the idlest, %s (%d closed so far)", why,
+            if now - self._evict_logged_at.get(cap, -1e9) >= 10.0:
+                self._evict_logged_at[cap] = now
+                log.warning("tcp: %s (%s); closing the idlest, %s (%d closed so far)", why, cap,
                             victim.flow, self.evicted)
             self.remove(victim)  # at once: the count must drop before the next connection
             victim.close()
