@@ -71,10 +71,11 @@ def sends(own: SessionDescription | None, peer: SessionDescription | None) -> bo
 _STATIC = {0: "PCMU/8000", 3: "GSM/8000", 8: "PCMA/8000", 9: "G722/8000", 18: "G729/8000"}
 
 
-def build_offer(codecs: tuple[str, ...]) -> SessionDescription:
+def build_offer(codecs: tuple[str, ...], address: str) -> SessionDescription:
     """An SDP offer of our own (a call softpbx originates: click-to-call), audio only, with
-    ``codecs`` in order (names from ``[media] codecs``; ``telephone-event`` gets type 101).
-    Addresses and ``o=`` are filled in by :meth:`MediaNegotiation.rewrite`."""
+    ``codecs`` in order (names from ``[media] codecs``; ``telephone-event`` gets type 101),
+    at the relay's ``address`` (a ``0.0.0.0`` placeholder would read as hold, RFC 3264
+    §8.4). The port and ``o=`` are filled in by :meth:`MediaNegotiation.rewrite`."""
     pts: list[str] = []
     maps: list[str] = []
     for name in codecs:
@@ -88,7 +89,8 @@ def build_offer(codecs: tuple[str, ...]) -> SessionDescription:
             maps += ["a=rtpmap:101 telephone-event/8000", "a=fmtp:101 0-16"]
     if not pts:
         pts, maps = ["0", "8"], ["a=rtpmap:0 PCMU/8000", "a=rtpmap:8 PCMA/8000"]
-    text = "\r\n".join(["v=0", "o=- 0 0 IN IP4 0.0.0.0", "s=softpbx", "c=IN IP4 0.0.0.0",
+    ip = "IP6" if ":" in address else "IP4"
+    text = "\r\n".join(["v=0", f"o=- 0 0 IN {ip} {address}", "s=softpbx", f"c=IN {ip} {address}",
                         "t=0 0", f"m=audio 9 RTP/AVP {' '.join(pts)}", *maps, "a=ptime:20",
                         "a=sendrecv"]) + "\r\n"
     return sdpmod.parse_sdp(text)
@@ -144,9 +146,9 @@ class MediaNegotiation:
         assert self.sdp_a is not None
         return self.rewrite(self.media.b, self.sdp_a, self.origin_b)
 
-    def offer_for_a(self, offer: SessionDescription) -> bytes:
-        """Our own ``offer`` (:func:`build_offer`) as the ``a`` party sees it."""
-        return self.rewrite(self.media.a, offer, self.origin_a)
+    def offer_for_a(self, codecs: tuple[str, ...]) -> bytes:
+        """Our own offer of ``codecs`` (:func:`build_offer`) as the ``a`` party sees it."""
+        return self.rewrite(self.media.a, build_offer(codecs, self.ip), self.origin_a)
 
     def callee_answer(self, raw: bytes, call_id: str) -> bytes | None:
         """The callee's SDP, applied to side B and rewritten for the ``a`` party; ``None``

@@ -18,7 +18,6 @@ from .call import _ENDED, Call, CallState
 from .callee import _user, make_leg
 from .events import Binding, LegAnswered, LegEvent, LegFailed
 from .leg import OutboundLeg
-from .negotiation import build_offer
 from .outcome import Failure, caller_status, disposition_of
 from .timers import TimerQueue
 
@@ -44,7 +43,7 @@ class OriginatedCall(Call):
             return False
         assert self.neg is not None
         self._events = True
-        offer = self.neg.offer_for_a(build_offer(self.host.config.media.codecs))
+        offer = self.neg.offer_for_a(self.host.config.media.codecs)
         domain = self.host.config.global_.domain
         number = _user(self.route.dialled)
         extra = []

@@ -14,6 +14,7 @@ from softpbx.core.events import Binding, SendWebhook
 from softpbx.core.notify import CrmAnswer, clean_caller_name, parse_answer
 from softpbx.core.registrar import Registrar
 from softpbx.sip.parser import parse_message
+from softpbx.sip.sdp import Direction, direction, media_address, parse_sdp
 
 from .sipkit import crlf
 from .test_calls import (
@@ -512,7 +513,10 @@ def test_click_to_call_rings_the_employee_first_then_dials_the_client_and_bridge
     (to_101,) = invites(net, ALICE)
     assert net.take(CARRIER) == []  # nothing dialled before the employee answers
     assert to_101.from_.uri.user == "89991234567" and to_101.from_.display == "ACME"
-    assert to_101.body and b"m=audio" in to_101.body
+    offer = parse_sdp(to_101.body)
+    assert media_address(offer, 0) == ("127.0.0.1", net.relay.sessions[0].a.rtp_port)
+    assert [c.encoding for c in offer.media[0].codecs()] == ["PCMU", "PCMA", "telephone-event"]
+    assert direction(offer, 0) is Direction.SENDRECV
     assert net.webhooks == []
     net.feed(answer(to_101, 180, contact="<sip:101@127.0.0.1:5061>"), ALICE)
     net.feed(answer(to_101, 200, body=sdp(40000), contact="<sip:101@127.0.0.1:5061>"), ALICE)
