@@ -126,6 +126,20 @@ def test_call_to_tcp_phone_whose_connection_died_gets_480_at_once(pbx: PbxProces
     assert_never_tried_private(pbx)
 
 
+def test_tcp_binding_restored_at_start_up_has_a_dead_flow(pbx: PbxProcess) -> None:
+    # No connection outlives the process: after a restart the phone must register again.
+    with TcpPhone(user="102", password="secret102", pbx=pbx.sip_addr, nat=True) as bob:
+        bob.register()
+        pbx.wait_registrations("102", 1)
+        pbx.restart()
+        assert "1 registrations restored" in pbx.log_text()
+        with Phone(user="101", password="secret101", pbx=pbx.sip_addr) as alice:
+            started = time.monotonic()
+            final = alice.call("102", sdp=make_sdp(40000)).wait_final(timeout=10.0)
+            assert final.status == 480 and time.monotonic() - started < 3.0
+    assert_never_tried_private(pbx)
+
+
 def test_tcp_phone_not_behind_nat_is_reached_by_a_new_connection(pbx: PbxProcess) -> None:
     # RFC 3261 §18.1.1: a plain (not outbound) Contact on the REGISTER's own IP.
     with (TcpPhone(user="102", password="secret102", pbx=pbx.sip_addr) as bob,
