@@ -2,7 +2,8 @@
 the CRM's POST over real HTTP, the employee's phone (the Python test phone, registered as 101)
 rung first and shown the client's number and name, the client dialled at the carrier (SIPp as
 its UAS, or a second test phone on the gateway's port) only after the employee answered,
-audio through the relay both ways, the CDR; and every error answer of the endpoint.
+audio through the relay both ways, the webhooks a real aiohttp CRM gets (the client leg is
+an outbound call), the CDR; and every error answer of the endpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from tests.integration.test_calls_sipp import (
     received_requests,
     write_profiles,
 )
+from tests.support.crm import CrmServer, Received
 from tests.support.phone import Phone, make_sdp
 from tests.support.rtp import RtpEndpoint
 from tests.support.server import HOST, PbxProcess, free_port
@@ -44,9 +46,19 @@ LIVE_COUNTS = ("calls", "dialogs", "media_sessions", "rtp_ports")
 class Pbx:
     """The softpbx under test, its carrier port and its click-to-call endpoint."""
 
-    def __init__(self, proc: PbxProcess, carrier_port: int) -> None:
+    def __init__(self, proc: PbxProcess, carrier_port: int, crm: CrmServer) -> None:
         self.proc = proc
         self.carrier_port = carrier_port
+        self.crm = crm
+
+    def events(self, pbx_call_id: str, until: str, timeout: float = 10.0) -> list[Received]:
+        """The webhooks of one call, in arrival order, once ``until`` arrived (bounded)."""
+        def mine(got: list[Received]) -> list[Received]:
+            return [r for r in got if r.pbx_call_id == pbx_call_id]
+
+        got = self.crm.wait_for(lambda got: any(r.event == until for r in mine(got)),
+                                f"{until} of {pbx_call_id}", timeout)
+        return mine(got)
 
     def click(self, fields: dict[str, str], *, token: str | None = TOKEN,
               path: str = "/click-to-call") -> tuple[int, str, dict[str, Any]]:
@@ -110,26 +122,30 @@ class Pbx:
 @pytest.fixture(scope="module")
 def pbx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pbx]:
     root = tmp_path_factory.mktemp("click_to_call")
+    crm = CrmServer().start()
     carrier_port = free_port()
     profiles = write_profiles(root / "profiles", carrier_port, 30)
     proc = PbxProcess.create(root / "pbx", profiles=profiles, overrides={
         "crm.click_to_call_token": TOKEN,
+        "crm.webhook_url": crm.url,
         "crm.click_to_call_min_interval_s": "0",  # each test clicks for 101 again
         "crm.click_to_call_ring_s": "5",  # a failed test's ringing call ends soon
         "media.rtp_timeout": "4",  # and so does its answered one
         "sip.t1_ms": "100", "sip.t4_ms": "1000",
         "media.rtp_start_port": "21000", "media.rtp_end_port": "21999",
     })
-    proc.start()
     try:
-        yield Pbx(proc, carrier_port)
+        proc.start()
+        yield Pbx(proc, carrier_port, crm)
     except BaseException:
         proc.kill()
+        crm.stop()
         raise
     try:
         proc.stop()
     finally:
         proc.kill()
+        crm.stop()
 
 
 @pytest.fixture(autouse=True)
@@ -181,6 +197,17 @@ def test_employee_first_then_the_client_at_the_carrier(pbx: Pbx, tmp_path: Path)
     assert (row["direction"], row["disposition"], row["gateway"]) == \
         ("outbound", "answered", "carrier"), row
     assert row["duration"] >= 0 and row["answered_at"] is not None, row
+    # The client leg is an outbound call for the CRM: OUT_START, OUT_END, then the recording
+    # (the sample records 101's calls), all under the pbx_call_id the click was answered with.
+    events = pbx.events(body["pbx_call_id"], "NOTIFY_RECORD")
+    assert [r.event for r in events] == ["NOTIFY_OUT_START", "NOTIFY_OUT_END",
+                                         "NOTIFY_RECORD"], events
+    start, end, record = (dict(r.fields) for r in events)
+    assert (start["internal"], start["destination"], start["caller_id"]) == \
+        ("101", CLIENT_DIALLED, "74950000101"), start
+    assert (end["internal"], end["destination"], end["disposition"]) == \
+        ("101", CLIENT_DIALLED, "answered"), end
+    assert record["record_link"].endswith(".mp3"), record
 
 
 def test_the_client_is_dialled_only_after_the_employee_answers(pbx: Pbx) -> None:
@@ -196,6 +223,7 @@ def test_the_client_is_dialled_only_after_the_employee_answers(pbx: Pbx) -> None
         inc.ring()
         carrier.assert_no_invite(within=1.0)  # the employee's phone rings: no client yet
         assert pbx.call_state(body["pbx_call_id"]) == "originating"
+        answered_at = time.monotonic()
         inc.answer(make_sdp(employee_rtp.port))
         out = carrier.wait_invite(timeout=5)
         assert out.received_at > inc.received_at
@@ -214,6 +242,10 @@ def test_the_client_is_dialled_only_after_the_employee_answers(pbx: Pbx) -> None
     pbx.wait_idle()
     row = pbx.cdr(body["pbx_call_id"])
     assert (row["direction"], row["disposition"]) == ("outbound", "answered"), row
+    events = pbx.events(body["pbx_call_id"], "NOTIFY_OUT_END")
+    assert [r.event for r in events][:2] == ["NOTIFY_OUT_START", "NOTIFY_OUT_END"], events
+    # NOTIFY_OUT_START says the client is dialled: not before the employee picked up.
+    assert events[0].at > answered_at
 
 
 def test_employee_busy_dials_nobody(pbx: Pbx) -> None:
@@ -226,6 +258,11 @@ def test_employee_busy_dials_nobody(pbx: Pbx) -> None:
     pbx.wait_idle()
     row = pbx.cdr(body["pbx_call_id"])
     assert (row["disposition"], row["duration"]) == ("busy", 0), row
+    # Nothing was dialled, and the CRM's click still gets one outcome.
+    events = pbx.events(body["pbx_call_id"], "NOTIFY_OUT_END")
+    assert [r.event for r in events] == ["NOTIFY_OUT_END"], events
+    end = dict(events[0].fields)
+    assert (end["internal"], end["disposition"], end["duration"]) == ("101", "busy", "0"), end
 
 
 @pytest.mark.parametrize(("fields", "token", "status", "error"), [
