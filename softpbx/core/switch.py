@@ -152,8 +152,12 @@ class Switch:
     def flow_closed(self, flow: Flow, now: float) -> None:
         """The shell: stream ``flow`` (a TCP connection) closed. Bindings registered over it
         are not offered to calls any more unless their Contact can be reached by a new
-        connection (RFC 5626 §4.4.1; see :mod:`softpbx.core.registrar`)."""
+        connection (RFC 5626 §4.4.1; see :mod:`softpbx.core.registrar`), and requests still
+        waiting for an answer on it fail now (RFC 3261 §17.1.4: a ringing phone whose
+        connection died is given up at once)."""
         self.registrar.flow_closed(flow)
+        if self.stack.flow_closed(flow, now):
+            self._drain(now)
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is due next."""

@@ -29,6 +29,7 @@ from .events import (
     RequestReceived,
     ResponseReceived,
     SipEvent,
+    TransactionTimeout,
 )
 from .framing import PING, PONG
 from .headers import Via
@@ -38,6 +39,9 @@ from .timers import TimerQueue
 from .transaction import ClientTransaction, ServerTransaction, Transaction, TxState
 
 log = logging.getLogger("softpbx.sip.stack")
+
+_WAITING = frozenset({TxState.CALLING, TxState.TRYING, TxState.PROCEEDING})
+"""Client transaction states still waiting for a final response."""
 
 MAGIC_COOKIE = "z9hG4bK"
 """RFC 3261 §8.1.1.7: branches starting with it are globally unique transaction ids."""
@@ -72,6 +76,8 @@ class SipStack:
         # the order they completed: a FIFO replaces the heap.
         self._completed: dict[tuple, tuple[bytes, Flow]] = {}
         self._completed_fifo: deque[tuple[float, tuple]] = deque()
+        self._stream_clients: dict[Flow, set[tuple]] = {}
+        """Stream flow -> keys of our client transactions on it (ended when it closes)."""
 
     # -- inputs -------------------------------------------------------------------------------
     def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:
@@ -113,6 +119,25 @@ class SipStack:
                 self._on_request(msg, flow, now)
             except SipError as exc:
                 self._reject(exc, flow, now, msg=msg)
+
+    def flow_closed(self, flow: Flow, now: float) -> int:
+        """The shell: stream ``flow`` closed. RFC 3261 §17.1.4 / §8.1.3.1: a transport failure
+        ends the client transactions still waiting for an answer on it at once; their owners
+        see them time out now instead of after Timer B/F, or, for an INVITE already ringing,
+        the no-answer timer. Returns how many ended."""
+        keys = self._stream_clients.pop(flow, None)
+        if not keys:
+            return 0
+        n = 0
+        for key in keys:
+            tx = self._client.get(key)
+            if tx is None or tx.flow != flow or tx.state not in _WAITING:
+                continue
+            owner = tx.user_data  # read first: terminating the transaction lets go of it
+            tx._set_state(TxState.TERMINATED)
+            self._emit(TransactionTimeout(tx, owner))
+            n += 1
+        return n
 
     def handle_timer(self, now: float) -> None:
         """Fire every timer due at ``now``."""
@@ -170,6 +195,8 @@ class SipStack:
         key = (branch, request.method)
         tx = ClientTransaction(key=key, request=request, flow=flow, host=self)
         self._client[key] = tx
+        if flow.reliable:
+            self._stream_clients.setdefault(flow, set()).add(key)
         tx.start(now)
         return tx
 
@@ -205,6 +232,8 @@ class SipStack:
         key = (req.top_via.branch, "CANCEL")
         ctx = ClientTransaction(key=key, request=cancel, flow=tx.flow, host=self)
         self._client[key] = ctx
+        if tx.flow.reliable:
+            self._stream_clients.setdefault(tx.flow, set()).add(key)
         ctx.start(now)
         tx.on_cancel_sent(now)
         return ctx
@@ -327,6 +356,12 @@ class SipStack:
         table: dict = self._server if isinstance(tx, ServerTransaction) else self._client
         if table.get(tx.key) is tx:
             del table[tx.key]
+            if table is self._client and tx.flow.reliable:
+                keys = self._stream_clients.get(tx.flow)
+                if keys is not None:
+                    keys.discard(tx.key)
+                    if not keys:
+                        del self._stream_clients[tx.flow]
         tx.user_data = None  # legs point at their transactions: break the cycle
 
 

@@ -126,6 +126,21 @@ def test_call_to_tcp_phone_whose_connection_died_gets_480_at_once(pbx: PbxProces
     assert_never_tried_private(pbx)
 
 
+def test_ringing_tcp_phone_whose_connection_dies_is_given_up_at_once(pbx: PbxProcess) -> None:
+    with (TcpPhone(user="102", password="secret102", pbx=pbx.sip_addr, nat=True) as bob,
+          Phone(user="101", password="secret101", pbx=pbx.sip_addr) as alice):
+        bob.register()
+        call = alice.call("102", sdp=make_sdp(40000))
+        inv = bob.wait_invite()
+        bob.respond(inv, 180, to_tag=new_tag())
+        call.wait_status(180)
+        started = time.monotonic()
+        bob.conn.close()  # out of Wi-Fi while ringing
+        final = call.wait_final(timeout=10.0)
+        assert final.status == 408 and time.monotonic() - started < 3.0, final
+    assert_never_tried_private(pbx)
+
+
 def test_tcp_binding_restored_at_start_up_has_a_dead_flow(pbx: PbxProcess) -> None:
     # No connection outlives the process: after a restart the phone must register again.
     with TcpPhone(user="102", password="secret102", pbx=pbx.sip_addr, nat=True) as bob:

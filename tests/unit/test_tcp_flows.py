@@ -323,3 +323,31 @@ def test_rate_limited_log_under_a_steady_flood() -> None:
         assert rl.tracked == 2 and records[-1] == "bad from c"
     finally:
         logger.removeHandler(h)
+
+
+def test_ringing_tcp_callee_whose_connection_dies_is_given_up_at_once() -> None:
+    # RFC 3261 §17.1.4: a transport failure ends the INVITE client transaction now, not when
+    # the no-answer timer runs out (the caller would hear ringback from a phone that is gone).
+    from .test_calls import answer
+
+    net = make_net()
+    tflow = tcp(NAT_PHONE)
+    net.sw.registrar._bindings.pop("103", None)
+    resp = authed_register(net.sw, net.clock, user="103", password="secret103", flow=tflow,
+                           contact="<sip:{user}@192.168.1.50:5060;transport=tcp>",
+                           call_id="reg-103")
+    assert resp.status == 200
+    place_call(net, "103")
+    net.take(ALICE)
+    (inv,) = net.take(NAT_PHONE)
+    net.sw.receive(answer(inv, 180), tflow, net.clock.now)
+    net.collect()
+    assert [m.status for m in net.take(ALICE)] == [180]
+    assert net.sw.stack.flow_closed(tcp(("127.0.0.1", 1)), net.clock.now) == 0  # not its flow
+    net.sw.flow_closed(tflow, net.clock.now)
+    net.collect()
+    finals = [m.status for m in net.take(ALICE) if m.status >= 200]
+    assert finals == [408], finals  # the leg failed as one whose Timer B fired, only now
+    assert net.sw.calls == {}
+    assert net.take(NAT_PHONE) == []  # no CANCEL into the dead connection's address
+    net.assert_no_leaks()
