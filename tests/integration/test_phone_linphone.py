@@ -152,13 +152,15 @@ def connect(caller: Linphone, callee: Linphone, number: str | None = None) -> No
         phone.wait_output(r"Media streams established with .* \(audio\)", timeout=5)
 
 
-def heard(phone: Linphone, tone: int, own: int | None = None, *, skip_bytes: int = 0) -> float:
+def heard(phone: Linphone, tone: int, own: int | None = None, *, skip_bytes: int = 0,
+          min_seconds: float = 0.5) -> float:
     """Share of ``phone``'s recording (after ``skip_bytes`` of it) that holds ``tone``;
-    asserts the share is at least ``HEARD`` and ``own`` is nearly absent."""
+    asserts the part is ``min_seconds`` long at least, the share is at least ``HEARD`` and
+    ``own`` is nearly absent."""
     samples, rate = read_mono(phone.record)
     samples = samples[max(0, skip_bytes - 44) // 2:]  # 16-bit mono after a 44-byte header
-    assert samples.size >= rate // 2, (f"{phone.user} recorded only {samples.size} samples "
-                                       f"there:\n{phone.describe()}")
+    assert samples.size >= min_seconds * rate, (
+        f"{phone.user} recorded only {samples.size / rate:.2f} s there:\n{phone.describe()}")
     share = tone_fraction(samples, tone, rate)
     assert share >= HEARD, f"{phone.user} heard {tone} Hz in {share:.0%} of {phone.record}"
     if own is not None:
@@ -266,7 +268,7 @@ def test_hold_resume_over_tcp_callee_hangs_up(rig: Rig, phones: PhoneFactory) ->
     answers = [m for m in bob.sip_messages(sent=True) if m.startswith("SIP/2.0 200")
                and "CSeq:" in m and "INVITE" in m.split("CSeq:", 1)[1].split("\n", 1)[0]]
     assert "a=recvonly" in answers[1], answers[1]
-    heard(alice, 880, own=440, skip_bytes=before_resume)
+    heard(alice, 880, own=440, skip_bytes=before_resume, min_seconds=TALK_S - 0.5)
     heard(bob, 440, own=880)
     row = rig.cdr_since(since, "102")
     assert (row["disposition"], row["cause"]) == ("answered", "BYE from b1"), row
