@@ -246,9 +246,7 @@ class Server:
             await self.recordings.aclose()
         if self.outbox is not None:
             # After the calls were hung up and the recordings finalised: their NOTIFY_END and
-            # NOTIFY_RECORD are committed (pending) before the outbox stops.
-            if self.driver is not None:
-                self.driver.kick()
+            # NOTIFY_RECORD (already handed over by the driver) are committed before it stops.
             await self.outbox.stop()
         if self.relay is not None:
             await self.relay.aclose()
