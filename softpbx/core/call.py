@@ -193,6 +193,7 @@ class Call:
         if not self._open_media(now):
             return
         assert self.neg is not None
+        self.neg.source_a = self.a.flow.remote[0]
         self.neg.set_a(sdp)
         self._schedule_max_duration(now)
         direction = self.route.direction
@@ -308,7 +309,7 @@ class Call:
                 sdp_out = None
                 if event.sdp:
                     assert self.neg is not None
-                    sdp_out = self.neg.callee_answer(event.sdp, self.id)
+                    sdp_out = self.neg.callee_answer(event.sdp, self.id, leg.flow.remote[0])
                 self._caller_ringing(sdp_out, now)
                 if self.state is CallState.ROUTING:
                     self._set_state(CallState.RINGING, now)
@@ -382,7 +383,7 @@ class Call:
             if other is not leg:
                 other.cancel(now, answered_elsewhere=True)
         self.b_legs = [leg]
-        sdp_out = self.neg.callee_answer(raw, self.id) if raw else None
+        sdp_out = self.neg.callee_answer(raw, self.id, leg.flow.remote[0]) if raw else None
         if sdp_out is None:
             leg.hangup(now)
             self._end(now, 488, "callee answered without usable SDP")

@@ -11,6 +11,7 @@ values: the sides that started sending.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import secrets
 from dataclasses import dataclass
@@ -96,6 +97,31 @@ def build_offer(codecs: tuple[str, ...], address: str) -> SessionDescription:
     return sdpmod.parse_sdp(text)
 
 
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",                                  # RFC 6598 carrier-grade NAT
+    "169.254.0.0/16", "fc00::/7", "fe80::/10"))       # link-local, RFC 4193 ULA
+
+
+def _is_private(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(addr in net for net in _PRIVATE if net.version == addr.version)
+
+
+def _behind_nat(sdp_ip: str, source: str) -> bool:
+    """Whether an SDP address ``sdp_ip`` of a party signalling from ``source`` is a private
+    address the party cannot be reached at from here: ``sdp_ip`` private, ``source``
+    another address that is not (a LAN phone keeps its LAN address)."""
+    if sdp_ip == source:
+        return False
+    try:
+        sdp_addr, src_addr = ipaddress.ip_address(sdp_ip), ipaddress.ip_address(source)
+    except ValueError:
+        return False
+    if sdp_addr.version != src_addr.version:
+        return False
+    return _is_private(sdp_addr) and not _is_private(src_addr)
+
+
 class MediaNegotiation:
     """The SDP state of one relayed call (side A faces the ``a`` leg, side B the callee)."""
 
@@ -110,6 +136,10 @@ class MediaNegotiation:
         self.sdp_b: SessionDescription | None = None
         """The callee's SDP in force (early media's, the answer's, then re-negotiations')."""
         self.pending: _Renegotiation | None = None
+        self.source_a = ""
+        """Signalling source IP of the ``a`` party (NAT detection), "" unknown."""
+        self.source_b = ""
+        """Signalling source IP of the callee that answered (or sent early media)."""
 
     # -- rewriting ----------------------------------------------------------------------------
     def rewrite(self, side: RelaySide, sdp: SessionDescription, origin: LocalOrigin) -> bytes:
@@ -120,14 +150,22 @@ class MediaNegotiation:
         out = sdpmod.rewrite(sdp, addrs, drop_attributes=sdpmod.ICE_ATTRIBUTES)
         return origin.stamp(out).to_bytes()
 
-    @staticmethod
-    def set_remote(side: RelaySide, sdp: SessionDescription) -> None:
-        """Point ``side`` of the relay at where ``sdp`` says its party receives."""
+    def set_remote(self, side: RelaySide, sdp: SessionDescription) -> None:
+        """Point ``side`` of the relay at where ``sdp`` says its party receives. A private
+        address from a party whose signalling comes from elsewhere is a phone behind NAT
+        (Kamailio's ``fix_nated_sdp``): until RTP latching learns the real source, send to
+        the signalling source's address with the SDP's ports, never into a private network
+        that is not ours."""
         idx = first_rtp(sdp)
         if idx is None:
             side.set_remote(None)
             return
-        side.set_remote(sdpmod.media_address(sdp, idx), sdpmod.rtcp_address(sdp, idx))
+        rtp, rtcp = sdpmod.media_address(sdp, idx), sdpmod.rtcp_address(sdp, idx)
+        source = self.source_a if side is self.media.a else self.source_b
+        if rtp is not None and source and _behind_nat(rtp[0], source):
+            rtp = (source, rtp[1])
+            rtcp = (source, rtcp[1]) if rtcp is not None else None
+        side.set_remote(rtp, rtcp)
 
     def facing(self, is_a: bool) -> tuple[RelaySide, LocalOrigin]:
         """The relay side and our SDP origin that the ``a`` party (or the callee) sees."""
@@ -150,7 +188,7 @@ class MediaNegotiation:
         """Our own offer of ``codecs`` (:func:`build_offer`) as the ``a`` party sees it."""
         return self.rewrite(self.media.a, build_offer(codecs, self.ip), self.origin_a)
 
-    def callee_answer(self, raw: bytes, call_id: str) -> bytes | None:
+    def callee_answer(self, raw: bytes, call_id: str, source: str = "") -> bytes | None:
         """The callee's SDP, applied to side B and rewritten for the ``a`` party; ``None``
         when it does not parse."""
         try:
@@ -159,6 +197,7 @@ class MediaNegotiation:
             log.warning("call %s: bad SDP from callee: %s", call_id, exc)
             return None
         self.sdp_b = answer
+        self.source_b = source
         self.set_remote(self.media.b, answer)
         return self.rewrite(self.media.a, answer, self.origin_a)
 

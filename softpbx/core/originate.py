@@ -96,6 +96,7 @@ class OriginatedCall(Call):
             leg.hangup(now)
             self._end(now, 488, f"employee's phone answered without usable SDP: {exc}")
             return
+        self.neg.source_a = leg.flow.remote[0]
         self.neg.set_a(answer)
         self.failures = []
         self._schedule_max_duration(now)

@@ -218,3 +218,23 @@ def test_outbound_recorded_by_the_calling_extension(selective: Path) -> None:
     (out,) = net.take(CARRIER)
     net.feed(answer(out, 200, body=sdp(60000), contact="<sip:gw@127.0.0.1:5070>"), CARRIER)
     assert recorded(net)
+
+
+def test_private_sdp_address_of_a_nated_phone_is_replaced_by_its_source() -> None:
+    """A phone behind NAT writes 192.168.1.50 into its SDP while its packets come from
+    127.0.0.1: until latching, the relay sends to the signalling source, never to the
+    private address (Kamailio's fix_nated_sdp)."""
+    from softpbx.core.negotiation import _behind_nat
+
+    net = make_net()
+    place_call(net, "102", body=sdp(40000, ip="192.168.1.50"))
+    (b_inv,) = [m for m in net.take(BOB) if getattr(m, "method", "") == "INVITE"]
+    net.feed(answer(b_inv, 200, body=sdp(50000, ip="10.1.2.3")), BOB)
+    (call,) = net.sw.calls.values()
+    assert call.media.a.rtp.dest == ("127.0.0.1", 40000)
+    assert call.media.b.rtp.dest == ("127.0.0.1", 50000)
+    # A LAN phone (private source) and a public one keep their SDP addresses.
+    assert not _behind_nat("192.168.1.50", "10.0.0.5")
+    assert not _behind_nat("198.51.100.7", "127.0.0.1")
+    assert _behind_nat("100.64.1.1", "203.0.113.9") and _behind_nat("fd00::1", "2001:db8::1")
+    assert not _behind_nat("10.0.0.5", "10.0.0.5")
