@@ -43,6 +43,8 @@ from softpbx.store.outbox import OutboxDb  # noqa: E402
 from softpbx.store.sqlite import SqliteStore  # noqa: E402
 
 EVENTS = ("NOTIFY_START", "NOTIFY_INTERNAL", "NOTIFY_END", "NOTIFY_RECORD")
+peak_rss = 0.0
+"""Largest VmRSS sampled during the drain, MB."""
 
 
 def free_port() -> int:
@@ -128,6 +130,11 @@ def call_id(i: int) -> str:
 
 
 def rss_mb() -> float:
+    """Resident set size now (VmRSS), MB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -182,19 +189,21 @@ def backlog(db_path: str, calls: int, per_call: int, rate: float) -> int:
     """The outbox after an outage: every event pending, ``attempts`` 3, created over time."""
     t0 = time.time() - calls / rate
     db = sqlite3.connect(db_path)
-    rows = []
-    for i in range(calls):
-        c = call_id(i)
-        at = t0 + i / rate
-        for s, ev in enumerate(EVENTS[:per_call], 1):
-            rows.append((f"{c}.{s}", c, s, ev, json.dumps(fields(ev, c, i), ensure_ascii=False),
-                         at + 300.0, at))
+
+    def rows():  # a generator: the backlog never sits in this process's memory
+        for i in range(calls):
+            c = call_id(i)
+            at = t0 + i / rate
+            for s, ev in enumerate(EVENTS[:per_call], 1):
+                yield (f"{c}.{s}", c, s, ev, json.dumps(fields(ev, c, i), ensure_ascii=False),
+                       at + 300.0, at)
+
     db.executemany("INSERT INTO outbox (event_id, pbx_call_id, seq, event, fields, state,"
                    " attempts, next_attempt_at, created_at, last_status, last_error)"
-                   " VALUES (?,?,?,?,?,'pending',3,?,?,NULL,'connection refused')", rows)
+                   " VALUES (?,?,?,?,?,'pending',3,?,?,NULL,'connection refused')", rows())
     db.commit()
     db.close()
-    return len(rows)
+    return calls * per_call
 
 
 async def drain(url: str, db_path: str, total: int, max_in_flight: int,
@@ -208,9 +217,11 @@ async def drain(url: str, db_path: str, total: int, max_in_flight: int,
     start = time.perf_counter()
     outbox.start()
     deadline = time.monotonic() + 3600
+    global peak_rss
     while outbox.delivered < total and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
         peak_held = max(peak_held, outbox.held)
+        peak_rss = max(peak_rss, rss_mb())
     elapsed = time.perf_counter() - start
     await outbox.stop()
     return elapsed, peak_held, outbox
@@ -265,8 +276,9 @@ def main() -> None:
           f"{args.events_per_call} events = {total} pending events (written in {fill:.1f} s)")
     print(f"drain: {outbox.delivered}/{total} delivered in {elapsed:.1f} s = "
           f"{outbox.delivered / elapsed:.0f} events/s (max_in_flight {args.max_in_flight}); "
-          f"most held in memory {peak_held} (window {args.window}); peak RSS "
-          f"{rss_before:.0f} MB before, {rss_after:.0f} MB after; softpbx side CPU "
+          f"most held in memory {peak_held} (window {args.window}); RSS "
+          f"{rss_before:.0f} MB before, peak {peak_rss:.0f} MB during, {rss_after:.0f} MB "
+          f"after; softpbx side CPU "
           f"{cpu / max(1, outbox.delivered) * 1000:.2f} ms per event (the CRM's not counted)")
     expected = {f"{call_id(i)}.{s}" for i in range(calls)
                 for s in range(1, args.events_per_call + 1)}

@@ -155,7 +155,11 @@ class Rig:
         deadline = time.monotonic() + timeout
         while not pred():
             if time.monotonic() > deadline:
-                raise AssertionError(f"not within {timeout}s: {what}; posts {self.crm.posts}")
+                o = self.outbox
+                raise AssertionError(f"not within {timeout}s: {what}; posts {self.crm.posts}; "
+                                     f"outbox overflow={o._overflow} paging={o._paging} "
+                                     f"paged_upto={o._paged_upto} held={o.held} "
+                                     f"max_unheld={o._max_unheld} queued={o._queued_inserts}")
             await asyncio.sleep(0.002)
 
     def states(self) -> dict[str, str]:
@@ -366,5 +370,31 @@ def test_operator_requeues_a_failed_event(tmp_path: Path) -> None:
         assert crm.posts == ["in_a.1", "in_a.1"]
         counts = rig.outbox.counts()
         assert counts["delivered"] == 1 and counts["failed"] == 0
+
+    run(scenario)
+
+
+def test_a_locked_database_sends_the_insert_through_the_writer_thread(tmp_path: Path) -> None:
+    """Another connection holds the write lock (the store's batch): the loop does not wait
+    for it; the writer thread does, and the events still go out once, in order."""
+    path = outbox_db(tmp_path)
+
+    async def scenario() -> None:
+        crm = FakeCrm(lambda e, n: (200, b""))
+        rig = Rig(path, crm)
+        await asyncio.sleep(0.05)  # the start-up page is read
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        t = time.monotonic()
+        rig.outbox.submit(ev("in_a", 1))
+        rig.outbox.submit(ev("in_a", 2))
+        await asyncio.sleep(0.1)
+        assert time.monotonic() - t < 0.5 and crm.posts == []  # the loop ran on; not sent
+        rig.outbox.submit(ev("in_a", 3))  # behind the queued batch, not beside it
+        other.execute("COMMIT")
+        other.close()
+        await rig.until(lambda: rig.outbox.delivered == 3, "delivered after the lock")
+        await rig.outbox.stop()
+        assert crm.posts == ["in_a.1", "in_a.2", "in_a.3"]
 
     run(scenario)
