@@ -9,6 +9,9 @@
 #
 # Usage: bench/cps_bench.sh                   (RATES=100,200,400 STEP_S=10 by default)
 #        RATES=200,300,400 STEP_S=10 ONLY=softpbx bench/cps_bench.sh
+#        WEBHOOKS=1 ONLY=softpbx bench/cps_bench.sh   (softpbx twice in one run: without CRM
+#            events, then with every NOTIFY_* POSTed to a local CRM, bench/crm_sink.py, which
+#            answers at once and counts what it got: lost and duplicate events are printed)
 # Everything stays on 127.0.0.1; every step is bounded; the whole run is killed after MAX_S.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"; REPO="$(dirname "$HERE")"
@@ -16,6 +19,7 @@ SHARED=${SHARED:-/work/shared/bench}
 RATES=${RATES:-100,200,400}; STEP_S=${STEP_S:-10}
 SUT_PORT=${SUT_PORT:-5360}; UAS_PORT=${UAS_PORT:-5370}; UAC_PORT=${UAC_PORT:-5380}
 SUT_CPU=${SUT_CPU:-1}; LOAD_CPU=${LOAD_CPU:-0}; MAX_S=${MAX_S:-900}; ONLY=${ONLY:-}
+WEBHOOKS=${WEBHOOKS:-}; CRM_PORT=${CRM_PORT:-18480}
 PY=${PY:-$REPO/.venv/bin/python}
 export SUT_PORT UAS_PORT UAC_PORT SUT_CPU LOAD_CPU RATES STEP_S
 . "$SHARED/env.sh"
@@ -42,8 +46,8 @@ DP
 SP_PID=""
 cleanup() { [ -n "$SP_PID" ] && kill "$SP_PID" 2>/dev/null; wait 2>/dev/null; }
 trap cleanup EXIT
-run_softpbx() {
-  (cd "$REPO" && exec taskset -c "$SUT_CPU" "$PY" -m softpbx run --profiles "$P" \
+run_softpbx() {  # extra --set arguments follow
+  (cd "$REPO" && exec taskset -c "$SUT_CPU" "$PY" -m softpbx run --profiles "$P" "$@" \
      --set global.db_path="$OUT/softpbx.db" --set global.log_level=warning \
      --set http.http_port=0 --set internal.sip_port="$SUT_PORT" --set external.sip_port="$SUT_PORT" \
      --set 'internal.transports=["udp"]' --set 'external.transports=["udp"]' \
@@ -58,6 +62,19 @@ if [ "$ONLY" != "sippy" ]; then
   echo "# softpbx pid $SP_PID on 127.0.0.1:$SUT_PORT (core $SUT_CPU), uas on $UAS_PORT"
   SUT=external SUT_PID=$SP_PID LABEL=softpbx bash "$SHARED/sip/run_cps.sh" > "$OUT/softpbx.jsonl"
   kill "$SP_PID"; wait "$SP_PID" 2>/dev/null; SP_PID=""
+fi
+if [ -n "$WEBHOOKS" ] && [ "$ONLY" != "sippy" ]; then
+  taskset -c "$LOAD_CPU" "$PY" "$HERE/crm_sink.py" --port "$CRM_PORT" --max-s "$MAX_S" \
+    > "$OUT/crm_sink.json" 2> "$OUT/crm_sink.log" &
+  CRM_PID=$!; sleep 1
+  run_softpbx --set crm.webhook_url="http://127.0.0.1:$CRM_PORT/hook"
+  echo "# softpbx+crm pid $SP_PID: every call's NOTIFY_START/END to 127.0.0.1:$CRM_PORT"
+  SUT=external SUT_PID=$SP_PID LABEL=softpbx+crm bash "$SHARED/sip/run_cps.sh" > "$OUT/softpbx_crm.jsonl"
+  sleep 3  # let the outbox drain before counting
+  kill "$SP_PID"; wait "$SP_PID" 2>/dev/null; SP_PID=""
+  kill "$CRM_PID"; wait "$CRM_PID" 2>/dev/null
+  echo "# CRM received: $(cat "$OUT/crm_sink.json")"
+  echo "# outbox rows not delivered: $("$PY" -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute(\"select count(*) from outbox where state != 'delivered'\").fetchone()[0])" "$OUT/softpbx.db")"
 fi
 if [ "$ONLY" != "softpbx" ]; then
   SUT=sippy LABEL=sippy bash "$SHARED/sip/run_cps.sh" > "$OUT/sippy.jsonl"

@@ -126,6 +126,7 @@ class Server:
             if not http.http_port:
                 log.warning("CRM webhooks off: no crm.webhook_url and the HTTP server (and "
                             "so the built-in inspector) is disabled")
+                self.switch.notifier.enabled = frozenset()  # no events, no call waits for one
                 return
             self.inspector = CrmInspector()
             host = http.http_ip
