@@ -11,6 +11,7 @@ worker (:mod:`softpbx.aio.outbox`) does the IO and passes ``now`` in.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 from dataclasses import dataclass
@@ -92,6 +93,7 @@ class DeliveryQueue:
         self._calls: dict[str, list[OutboxRow]] = {}
         self._busy: set[str] = set()
         self._due: list[tuple[float, int, str, int]] = []
+        self._urgent: collections.deque[OutboxRow] = collections.deque()
         self._order = itertools.count()
         self.held = 0
         """Events held (all calls, in flight included)."""
@@ -123,11 +125,29 @@ class DeliveryQueue:
             self._schedule(row)
 
     def _schedule(self, row: OutboxRow) -> None:
+        if row.wants_answer:
+            # A live call waits for this NOTIFY_START's answer: it goes before every other
+            # due event (after an outage thousands may be due; the call cannot wait for them).
+            self._urgent.append(row)
+            return
         heapq.heappush(self._due, (row.next_attempt_at, next(self._order), row.pbx_call_id,
                                    row.id))
 
+    def _urgent_head(self) -> OutboxRow | None:
+        urgent = self._urgent
+        while urgent:
+            row = urgent[0]
+            queue = self._calls.get(row.pbx_call_id)
+            if queue and queue[0] is row and row.pbx_call_id not in self._busy:
+                return row
+            urgent.popleft()  # stale
+        return None
+
     def next_due(self) -> float | None:
         """When the earliest waiting head is due (``None``: nothing waits)."""
+        urgent = self._urgent_head()
+        if urgent is not None:
+            return urgent.next_attempt_at
         due = self._due
         while due:
             at, _, call, row_id = due[0]
@@ -141,6 +161,11 @@ class DeliveryQueue:
     def pop_due(self, now: float) -> OutboxRow | None:
         """The next event to send now (its call is then busy until :meth:`done` or
         :meth:`later`), or ``None``."""
+        urgent = self._urgent_head()
+        if urgent is not None:
+            self._urgent.popleft()
+            self._busy.add(urgent.pbx_call_id)
+            return urgent
         at = self.next_due()
         if at is None or at > now:
             return None

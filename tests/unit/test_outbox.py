@@ -105,6 +105,24 @@ def test_queue_keeps_order_per_call_and_calls_independent() -> None:
     assert q.held == 3
 
 
+def test_a_waiting_notify_start_goes_before_a_backlog() -> None:
+    """After an outage thousands of events are due; a live call's NOTIFY_START cannot wait
+    behind them for its answer."""
+    q = DeliveryQueue()
+    for rid in range(1, 101):
+        q.add(row(f"in_old{rid}", rid))
+    start = row("in_live", 500)
+    start.wants_answer = True
+    q.add(start)
+    assert q.pop_due(0.0) is start
+    assert q.pop_due(0.0).id == 1  # type: ignore[union-attr]
+    start.wants_answer = False  # its first attempt failed: an ordinary retry from now on
+    start.next_attempt_at = 5.0
+    q.later(start)
+    assert [q.pop_due(1.0).id for _ in range(99)] == list(range(2, 101))  # type: ignore[union-attr]
+    assert q.pop_due(1.0) is None and q.pop_due(5.0) is start
+
+
 # -- the worker ---------------------------------------------------------------------------------
 class FakeCrm:
     """Scripted answers per attempt; records every POST (event_id) in order."""
