@@ -21,7 +21,6 @@ from typing import Protocol
 from ..config.schema import Config, Gateway
 from ..media.ports import PortRangeExhausted
 from ..media.relay import RelaySession
-from ..sip import sdp as sdpmod
 from ..sip.auth import Credentials
 from ..sip.events import Flow
 from ..sip.sdp import SdpError
@@ -33,6 +32,8 @@ from .events import (
     LegEvent,
     LegFailed,
     LegHungUp,
+    LegInfo,
+    LegLateAnswer,
     LegOffer,
     LegOfferAnswered,
     LegOfferCancelled,
@@ -44,7 +45,7 @@ from .events import (
     WriteCdr,
 )
 from .leg import InboundLeg, Leg, LegHost, OutboundLeg
-from .negotiation import MediaNegotiation, Started, codec_map
+from .negotiation import MediaNegotiation, Started, caller_offer, codec_map
 from .notify import CrmAnswer, Notifier
 from .outcome import (
     NO_ROUTE,
@@ -179,14 +180,8 @@ class Call:
         """Offered call: open the relay, tell the CRM (and wait for its answer when it has
         a say), then ring the first stage."""
         assert isinstance(self.a, InboundLeg)
-        offer = self.a.initial_sdp
-        if offer is None:
-            self._end(now, 488, "no SDP offer in the INVITE (late offer is not supported)")
-            return
-        try:
-            sdp = sdpmod.parse_sdp(offer)
-            if not any(m.is_rtp for m in sdp.media):
-                raise SdpError("no RTP media in the offer")
+        try:  # None: a late offer, we make the offers (MediaNegotiation.start_a)
+            sdp = caller_offer(self.a.initial_sdp)
         except SdpError as exc:
             self._end(now, 488, f"bad SDP offer: {exc}")
             return
@@ -194,7 +189,7 @@ class Call:
             return
         assert self.neg is not None
         self.neg.source_a = self.a.flow.remote[0]
-        self.neg.set_a(sdp)
+        self.neg.start_a(sdp, self.host.config.media.codecs)
         self._schedule_max_duration(now)
         direction = self.route.direction
         crm = self.host.config.crm
@@ -333,6 +328,10 @@ class Call:
                     self._next_stage(now)
         elif isinstance(event, LegHungUp):
             self._on_hangup(leg, event.cause, now)
+        elif isinstance(event, LegInfo):  # DTMF INFO: to the other party, same body
+            peer = self.answered if leg is self.a else self.a
+            if self.state is CallState.ANSWERED and peer is not None and peer is not leg:
+                peer.send_info(event.content_type, event.body, now)
         elif self.neg is not None and self.answered is not None:
             self._renegotiation_event(event, now)
 
@@ -352,6 +351,11 @@ class Call:
             neg.on_offer_cancelled(leg, now)
         elif isinstance(event, LegRefreshAnswered) and self.state is CallState.ANSWERED:
             started = neg.on_refresh_answered(is_a, event.sdp, leg.label, self.id)
+        elif isinstance(event, LegLateAnswer) and self.state is CallState.ANSWERED:
+            started = neg.on_late_answer(event.sdp, self.id)
+            if started is None:
+                self._hangup_all(now, "no usable SDP answer in the caller's ACK", unanswered=488)
+                return
         if started is not None:
             self._adopted(started, now)
 

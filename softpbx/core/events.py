@@ -243,8 +243,28 @@ class LegRefreshAnswered:
     """The party's answer."""
 
 
+@dataclass(frozen=True, slots=True)
+class LegLateAnswer:
+    """The caller answered, in its ACK, the offer our 2xx made to its INVITE without SDP
+    (a late offer, RFC 3261 §13.2.1); ``None``: the ACK had no SDP, the session failed."""
+
+    leg: Leg
+    sdp: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class LegInfo:
+    """The party sent a DTMF ``INFO`` (already answered ``200``): the call passes the same
+    body to the other party."""
+
+    leg: Leg
+    content_type: str
+    """``application/dtmf-relay`` or ``application/dtmf``, as received (parameters kept)."""
+    body: bytes
+
+
 LegEvent = (LegRinging | LegAnswered | LegFailed | LegHungUp | LegOffer | LegOfferAnswered
-            | LegOfferCancelled | LegRefreshAnswered)
+            | LegOfferCancelled | LegRefreshAnswered | LegLateAnswer | LegInfo)
 
 
 @dataclass(frozen=True, slots=True)

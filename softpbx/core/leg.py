@@ -26,6 +26,8 @@ from .events import (
     LegEvent,
     LegFailed,
     LegHungUp,
+    LegInfo,
+    LegLateAnswer,
     LegOffer,
     LegOfferAnswered,
     LegOfferCancelled,
@@ -43,9 +45,11 @@ class LegOwner(Protocol):
 log = logging.getLogger("softpbx.leg")
 
 SDP = "application/sdp"
+DTMF_INFO = ("application/dtmf-relay", "application/dtmf")
+"""INFO bodies passed between the legs (the de-facto SIP INFO DTMF, as Asterisk reads it)."""
 ANSWERED_ELSEWHERE = 'SIP;cause=200;text="Call completed elsewhere"'
 """RFC 3326 ``Reason`` of the CANCEL sent to the forks that lost the race."""
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REFER, NOTIFY"
 _AUTH_HEADERS = ("authorization", "proxy-authorization")
 
 
@@ -125,6 +129,8 @@ class Leg:
         """The SDP of our re-INVITE in progress (``local_sdp`` once it succeeds)."""
         self._offer_in_2xx = False
         """The 2xx whose ACK we await carries an offer: the ACK carries the answer."""
+        self._late_answer = False
+        """That offer is the first of the dialog (a late offer): no ACK answer, no call."""
         self._bye_after_ack = False
         """The leg is hung up but its party has not ACKed our 2xx yet: the BYE waits for the
         ACK, or its timeout (RFC 3261 §15)."""
@@ -184,7 +190,7 @@ class Leg:
             self._emit(LegHungUp(self, "BYE from " + self.label), now)
         elif self._bye_after_ack:
             stack.reply(tx, 481, now=now)  # the call is over; our BYE follows the ACK
-        elif method == "UPDATE" and not req.body:
+        elif method == "UPDATE" and not req.sdp_body:
             # RFC 3311 / RFC 4028: an UPDATE without SDP (a session refresh) changes no
             # media: answered here, the other party need not hear of it.
             stack.reply(tx, 200, now=now, headers=[("Contact", self.host.contact_for(self.flow))])
@@ -192,16 +198,42 @@ class Leg:
             if self._offer_from_peer is not None or self._offer_tx is not None:
                 stack.reply(tx, 491, now=now)  # RFC 3261 §14.2 glare
                 return
-            if not req.body:
+            if not req.sdp_body:
                 self._answer_refresh(tx, now)
                 return
             self._offer_from_peer = tx
             tx.user_data = self
-            self._emit(LegOffer(self, req.body), now)
-        elif method in ("OPTIONS", "INFO", "NOTIFY"):
+            self._emit(LegOffer(self, req.sdp_body), now)
+        elif method == "INFO":
+            self._on_info(req, tx, now)
+        elif method in ("OPTIONS", "NOTIFY"):
             stack.reply(tx, 200, now=now)
         else:
             stack.reply(tx, 405, now=now, headers=[("Allow", ALLOW)])
+
+    def _on_info(self, req: Request, tx: ServerTransaction, now: float) -> None:
+        """An ``INFO`` of this leg's party. DTMF (``application/dtmf-relay``, Cisco's
+        ``Signal=5\r\nDuration=160``, and ``application/dtmf``) is answered ``200`` and
+        passed to the other party (:class:`LegInfo`): a phone or trunk that signals keys so
+        reaches the IVR or the other phone as it would through Asterisk. An INFO without a
+        body (a keep-alive) gets ``200``; any other body ``415`` with the types we take
+        (RFC 6086 §4.2.2: only transaction-scoped, RFC 5057 §5.1, the dialog lives on)."""
+        ctype = req.content_type
+        if req.body and ctype not in DTMF_INFO:
+            self.host.stack.reply(tx, 415, now=now, headers=[("Accept", ", ".join(DTMF_INFO))])
+            return
+        self.host.stack.reply(tx, 200, now=now)
+        if req.body:
+            self._emit(LegInfo(self, req.get("content-type") or "", req.body), now)
+
+    def send_info(self, content_type: str, body: bytes, now: float) -> None:
+        """Send this leg's party an ``INFO`` with ``body`` (DTMF from the other party); its
+        answer needs nothing (a trunk's challenge is answered, :meth:`on_response`)."""
+        if self.dialog is None or self.state is not LegState.ANSWERED:
+            return
+        req = self.dialog.request("INFO", body=body, content_type=content_type)
+        tx = self.host.stack.send_request(req, self.flow, now)
+        tx.user_data = self
 
     def _answer_refresh(self, tx: ServerTransaction, now: float) -> None:
         """A re-INVITE without SDP (a session refresh, RFC 4028; RFC 3261 §14.2: our 2xx must
@@ -265,8 +297,11 @@ class Leg:
         TimerQueue.cancel(self, "no_ack")
         if self._offer_in_2xx:
             self._offer_in_2xx = False
-            if req.body:
-                self._emit(LegRefreshAnswered(self, req.body), now)
+            if self._late_answer:  # the first answer of a late-offer call: it must be there
+                self._late_answer = False
+                self._emit(LegLateAnswer(self, req.sdp_body), now)
+            elif req.sdp_body:
+                self._emit(LegRefreshAnswered(self, req.sdp_body), now)
         if self._bye_after_ack:
             self._bye_after_ack = False
             self._send_bye(now)
@@ -306,7 +341,7 @@ class Leg:
         if self._offer_tx is tx:
             self._offer_tx = None
             self._sent_offer = None
-            self._emit(LegOfferAnswered(self, resp.status, resp.body or None), now)
+            self._emit(LegOfferAnswered(self, resp.status, resp.sdp_body), now)
 
     @staticmethod
     def _ack_for(dialog: Dialog, tx: ClientTransaction) -> Request:
@@ -385,13 +420,15 @@ class InboundLeg(Leg):
 
     @property
     def initial_sdp(self) -> bytes | None:
-        """The caller's SDP offer, if the INVITE had one."""
-        return self.request.body or None
+        """The caller's SDP offer, if the INVITE had one (else a late offer)."""
+        return self.request.sdp_body
 
     def ring(self, sdp: bytes | None, now: float) -> None:
         """Tell the caller the callee is alerting (180, or 183 with early media)."""
         if self.state is LegState.ENDED or self.tx.final_sent:
             return
+        if self.initial_sdp is None:
+            sdp = None  # RFC 3261 §13.2.1: no offer in an unreliable provisional (no 100rel)
         if sdp is not None and not self._early_sdp_sent:
             self._early_sdp_sent = True
             self._provisional(183, sdp, now)
@@ -420,7 +457,10 @@ class InboundLeg(Leg):
         self.dialog = Dialog.as_uas(self.request, self.local_tag)
         self.host.add_dialog(self.dialog, self)
         self.state = LegState.ANSWERED
-        self._await_ack(resp, self.request.cseq.number, now)
+        # A late offer: our 2xx carries the offer, the ACK the answer (RFC 3261 §13.2.1).
+        late = self.initial_sdp is None
+        self._await_ack(resp, self.request.cseq.number, now, offer=late)
+        self._late_answer = late
 
     def reject(self, status: int, reason: str | None, now: float) -> None:
         """Refuse the call with a final response."""
@@ -501,7 +541,7 @@ class OutboundLeg(Leg):
             if resp.to.tag and self.state is LegState.CALLING:
                 self.state = LegState.EARLY
             if not self._cancelled:
-                self._emit(LegRinging(self, resp.body or None), now)
+                self._emit(LegRinging(self, resp.sdp_body), now)
             return
         if status < 300:
             self._on_2xx(resp, tx, now)
@@ -544,7 +584,7 @@ class OutboundLeg(Leg):
             return
         self.state = LegState.ANSWERED
         self.host.add_dialog(self.dialog, self)
-        self._emit(LegAnswered(self, resp.body or None), now)
+        self._emit(LegAnswered(self, resp.sdp_body), now)
 
     def _on_stray_2xx(self, resp: Response, tx: ClientTransaction, now: float) -> None:
         """A 2xx with another To tag than our dialog's: another fork upstream answered too.

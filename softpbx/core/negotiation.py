@@ -43,8 +43,41 @@ class _Renegotiation:
 
 
 def first_rtp(sdp: SessionDescription) -> int | None:
-    """Index of the relayed stream: the first RTP ``m=`` line with a port."""
-    return next((i for i, m in enumerate(sdp.media) if m.is_rtp and m.port), None)
+    """Index of the relayed stream: the first audio RTP ``m=`` line with a port. Video,
+    T.38 (``m=image``) and the rest are refused with port 0 (:meth:`MediaNegotiation.
+    rewrite`): the relay carries one audio stream."""
+    return next((i for i, m in enumerate(sdp.media)
+                 if m.is_rtp and m.port and m.media.lower() == "audio"), None)
+
+
+def caller_offer(raw: bytes | None) -> SessionDescription | None:
+    """The caller's offer from its INVITE's SDP; ``None`` for a late offer (no SDP: we
+    offer in our 2xx, RFC 3261 §13.2.1). Raises :class:`SdpError` (``488``) for SDP that
+    does not parse or has no audio stream to relay."""
+    if raw is None:
+        return None
+    sdp = sdpmod.parse_sdp(raw)
+    if first_rtp(sdp) is None:
+        raise SdpError("no RTP audio stream")
+    return sdp
+
+
+def matching(answer: SessionDescription, offer: SessionDescription) -> SessionDescription:
+    """``answer`` with exactly the ``m=`` lines of ``offer`` (RFC 3264 §6: the answer keeps
+    the offer's count and order; a stream is refused with port 0 and a format of the offer).
+    A callee that dropped the streams it refuses (some drop a video or T.38 line instead of
+    zeroing it) has its lines matched to the offer's by media type, in order, and the
+    missing ones put back as refused; lines the offer did not have are cut."""
+    if len(answer.media) == len(offer.media):
+        return answer  # positional, as RFC 3264 §6 has it
+    out = answer.copy()
+    rest = out.media
+    out.media = []
+    for m in offer.media:
+        k = next((j for j, a in enumerate(rest) if a.media == m.media), None)
+        out.media.append(rest.pop(k) if k is not None else
+                         sdpmod.MediaDescription(m.media, 0, None, m.proto, m.formats[:1] or ["0"]))
+    return out
 
 
 def codec_map(sdp: SessionDescription | None) -> dict[int, str]:
@@ -135,6 +168,8 @@ class MediaNegotiation:
         """The ``a`` party's SDP in force (its offer, then each re-negotiation's)."""
         self.sdp_b: SessionDescription | None = None
         """The callee's SDP in force (early media's, the answer's, then re-negotiations')."""
+        self.own_offer: SessionDescription | None = None
+        """Our offer to the callees when the caller's INVITE had no SDP (a late offer)."""
         self.pending: _Renegotiation | None = None
         self.source_a = ""
         """Signalling source IP of the ``a`` party (NAT detection), "" unknown."""
@@ -179,10 +214,21 @@ class MediaNegotiation:
         self.sdp_a = sdp
         self.set_remote(self.media.a, sdp)
 
+    def start_a(self, offer: SessionDescription | None, codecs: tuple[str, ...]) -> None:
+        """The caller's offer (:func:`caller_offer`); for a late offer (``None``) the callee
+        legs get our own of ``codecs``, and the caller the callee's answer as our offer in
+        the 2xx, answered in its ACK (:meth:`on_late_answer`)."""
+        if offer is None:
+            self.own_offer = build_offer(codecs, self.ip)
+        else:
+            self.set_a(offer)
+
     def offer_for_b(self) -> bytes:
-        """The ``a`` party's SDP as the callee legs are offered it."""
-        assert self.sdp_a is not None
-        return self.rewrite(self.media.b, self.sdp_a, self.origin_b)
+        """The ``a`` party's SDP as the callee legs are offered it (our own for a late
+        offer, symmetric to :meth:`offer_for_a`)."""
+        sdp = self.sdp_a if self.sdp_a is not None else self.own_offer
+        assert sdp is not None
+        return self.rewrite(self.media.b, sdp, self.origin_b)
 
     def offer_for_a(self, codecs: tuple[str, ...]) -> bytes:
         """Our own offer of ``codecs`` (:func:`build_offer`) as the ``a`` party sees it."""
@@ -199,7 +245,23 @@ class MediaNegotiation:
         self.sdp_b = answer
         self.source_b = source
         self.set_remote(self.media.b, answer)
+        if self.sdp_a is not None:  # an answer to the caller's offer (else our offer to it)
+            answer = matching(answer, self.sdp_a)
         return self.rewrite(self.media.a, answer, self.origin_a)
+
+    def on_late_answer(self, raw: bytes | None, call_id: str) -> Started | None:
+        """The caller's answer, in its ACK, to the offer our 2xx made (a late offer);
+        ``None`` when there is none or it is unusable: the session failed (RFC 3261
+        §13.2.2.4: the ACK must carry the answer)."""
+        try:
+            sdp = caller_offer(raw)
+        except SdpError as exc:
+            log.warning("call %s: bad SDP answer in the caller's ACK: %s", call_id, exc)
+            return None
+        if sdp is None:
+            log.warning("call %s: the caller's ACK carried no SDP answer", call_id)
+            return None
+        return self.adopt({True: sdp})
 
     # -- state queries ------------------------------------------------------------------------
     def sending(self) -> dict[str, bool]:
@@ -295,7 +357,8 @@ class MediaNegotiation:
         assert p.offer is not None
         started = self.adopt({not leg_is_a: p.offer, leg_is_a: answer})
         origin_side, origin = self.facing(not leg_is_a)
-        origin_leg.answer_offer(200, self.rewrite(origin_side, answer, origin), now)
+        shaped = matching(answer, p.offer)
+        origin_leg.answer_offer(200, self.rewrite(origin_side, shaped, origin), now)
         return started
 
     def on_offer_cancelled(self, leg: Leg, now: float) -> None:

@@ -13,6 +13,7 @@ from email.utils import formatdate
 
 from ..config.schema import Config, Gateway
 from ..sip.auth import FAILURES, AuthOutcome, DigestAuthenticator
+from ..sip.body import multipart_parts
 from ..sip.dialog import Dialog
 from ..sip.errors import ParseError, SipError
 from ..sip.events import (
@@ -431,9 +432,12 @@ class Switch:
         """A new call: authenticate its source, route it, hand it to a :class:`Call`."""
         reply = self.stack.reply
         ct = req.content_type
-        if req.body and ct is not None and ct != "application/sdp":
-            reply(tx, 415, now=now, to_tag=new_tag(), headers=[("Accept", "application/sdp")])
+        if req.body and ct is not None and ct not in ("application/sdp", "multipart/mixed"):
+            reply(tx, 415, now=now, to_tag=new_tag(),
+                  headers=[("Accept", "application/sdp, multipart/mixed")])
             return
+        if req.body and ct == "multipart/mixed":  # RFC 5621: only its SDP part is read
+            multipart_parts(req.get("content-type") or "", req.body)  # ParseError: 400
         dialled = req.uri.unescaped_user
         gateway = self.gateway_for(flow, req)
         if gateway is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .body import sdp_of
 from .errors import ParseError
 from .headers import (
     COMPACT,
@@ -233,6 +234,12 @@ class Message:
         """Media type of the body, lower-cased, parameters dropped."""
         v = self.get("content-type")
         return None if v is None else v.split(";", 1)[0].strip().lower()
+
+    @property
+    def sdp_body(self) -> bytes | None:
+        """The SDP the body carries: all of it, or the ``application/sdp`` part of a
+        ``multipart/mixed`` (RFC 5621; :func:`.body.sdp_of`); ``None`` for none."""
+        return sdp_of(self.get("content-type"), self.body)
 
     def _head_lines(self) -> list[str]:
         raise NotImplementedError
