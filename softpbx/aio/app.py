@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import ipaddress
 import logging
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..config.loader import resolve_path, split_host_port
-from ..config.schema import Config
+from ..config.schema import Config, Profile, Transport
 from ..core.events import OriginateRefused
 from ..core.switch import Switch
 from ..crm.webhook import WebhookSender
@@ -31,6 +32,7 @@ from .driver import SwitchDriver
 from .outbox import Outbox
 from .recording import FinishedRecording, RecordingManager
 from .rtp_transport import RtpRelay
+from .tls import client_context, server_context
 
 log = logging.getLogger("softpbx")
 
@@ -49,6 +51,8 @@ class Server:
         self.outbox: Outbox | None = None
         self.inspector: CrmInspector | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self._tls_names: dict[tuple[str, int], str] = {}
+        """Resolved TLS gateway address -> the host name its certificate must name."""
 
     async def start(self) -> None:
         """Open the store and every listener; log one line per listener."""
@@ -69,6 +73,7 @@ class Server:
         self.switch.relay = self.relay
         await self._resolve_gateways(loop)
         self.driver = SwitchDriver(switch=self.switch, store=self.store, loop=loop)
+        self.driver.transports.tls_names.update(self._tls_names)
         self.switch.wall_offset = self.driver.wall_offset()  # refreshed by _housekeep
         self._start_outbox(loop, db_path)
         if cfg.recording.enabled:
@@ -89,6 +94,8 @@ class Server:
             for line in await self.driver.transports.listen(profile.sip_ip, profile.sip_port,
                                                             profile.transports):
                 log.info("%s (profile %s)", line, profile.name)
+            if Transport.TLS in profile.transports:
+                await self._listen_tls(profile)
         self.switch.start(loop.time())
         self.driver.kick()
         if cfg.http.http_port:
@@ -115,6 +122,18 @@ class Server:
         # every 10M allocations, ~10-20 s under load), so cycles from elsewhere (aiohttp,
         # tracebacks) that outlive the young collections are still reclaimed.
         gc.set_threshold(50_000, 20, 10)
+
+    async def _listen_tls(self, profile: Profile) -> None:
+        """The TLS listener of ``profile`` and the context of the connections opened from it
+        (the loader already checked that the files load)."""
+        assert self.driver is not None
+        transports = self.driver.transports
+        local = (profile.sip_ip, profile.tls_port)
+        root = self.config.profiles_dir
+        transports.tls_client[local] = client_context(profile, root)
+        line = await transports.listen_tls(profile.sip_ip, profile.tls_port,
+                                           server_context(profile, root))
+        log.info("%s (profile %s)", line, profile.name)
 
     def _start_outbox(self, loop: asyncio.AbstractEventLoop, db_path: str) -> None:
         """The webhook outbox, posting to ``crm.webhook_url`` or to the built-in inspector.
@@ -170,6 +189,8 @@ class Server:
         """Gateways named by host name are resolved once at start-up."""
         for gw in self.config.gateways:
             host, port = split_host_port(gw.proxy)
+            if gw.transport is Transport.TLS:
+                port = port or 5061  # RFC 3263 §4.2: the TLS default port
             try:
                 ipaddress.ip_address(host)
                 continue
@@ -184,6 +205,8 @@ class Server:
                           host, exc)
                 continue
             ip, p = infos[0][4][0], infos[0][4][1]
+            # RFC 5922 §7.2: the certificate must name the host the proxy was given as.
+            self._tls_names[(ip, p)] = host
             self.switch.set_gateway_address(gw.name, (ip, p))
             log.info("gateway %s: %s resolved to %s:%d", gw.name, gw.proxy, ip, p)
 
@@ -226,7 +249,11 @@ class Server:
             if self.driver is not None:
                 # Wall-clock steps (NTP) reach the Date headers within 30 s.
                 self.switch.wall_offset = self.driver.wall_offset()
-                n = self.driver.transports.tcp.close_idle(loop.time(), idle)
+                now = loop.time()
+                # A connection a registration lives on stays open until the binding lapses.
+                n = self.driver.transports.tcp.close_idle(
+                    now, idle, keep=functools.partial(self.switch.registrar.holds_binding,
+                                                      now=now))
                 if n:
                     log.info("closed %d idle TCP connections", n)
 

@@ -1,4 +1,4 @@
-"""asyncio SIP transports: UDP sockets and TCP connections (RFC 3261 §18), nothing more.
+"""asyncio SIP transports: UDP sockets, TCP and TLS connections (RFC 3261 §18), nothing more.
 
 They turn socket callbacks into ``receiver(data, flow, framing_error)`` calls and carry out
 :class:`~softpbx.sip.events.Outgoing` items. All protocol decisions live in the sans-IO core.
@@ -8,6 +8,16 @@ TCP connections are capped in total and per source IP (``[sip] tcp_max_connectio
 silent longest (of that IP, or of all), so a scan cannot lock phones out and a flood from one
 address only pushes out its own connections. Every closed connection is reported
 (``on_closed``): the core then knows the flow of the bindings registered over it is dead.
+
+TLS (RFC 3261 §26.2.1, RFC 5630) is a TCP connection with the stdlib ``ssl`` layer under it:
+the same framing, registry, caps and idle rules; its flows say ``Transport.TLS`` and are
+labelled with the profile's TLS address (``sip_ip``, ``tls_port``). A connection softpbx
+opens itself (to a gateway, back to a phone) verifies the peer per the profile's
+``tls_verify``, by the host name the gateway's proxy names (else its IP address).
+
+Idle connections are closed after ``[sip] tcp_idle_timeout``, except those the core says
+carry a live registration (``close_idle(keep=...)``): a phone that sends no keep-alives is
+reached over its connection for as long as its binding lasts, not for 10 minutes only.
 """
 
 from __future__ import annotations
@@ -16,16 +26,25 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..config.schema import Transport
 from ..sip.events import Flow, Outgoing
 from ..sip.framing import StreamFramer
 
+if TYPE_CHECKING:
+    from .capture import SipCapture
+
 log = logging.getLogger("softpbx.transport")
 
 Receiver = Callable[[bytes, Flow, "str | None"], None]
 FlowClosed = Callable[[Flow], None]
+KeepFlow = Callable[[Flow], bool]
+
+TLS_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a TLS handshake may take, either side (a silent peer does not hold a slot)."""
 
 
 def _addr(sockaddr: tuple) -> tuple[str, int]:
@@ -64,11 +83,12 @@ class UdpListener(asyncio.DatagramProtocol):
 
 
 class TcpConnection(asyncio.Protocol):
-    """One TCP connection, framed by Content-Length."""
+    """One TCP (or TLS) connection, framed by Content-Length."""
 
     def __init__(self, *, local: tuple[str, int], receiver: Receiver, registry: TcpRegistry,
-                 max_size: int) -> None:
+                 max_size: int, kind: Transport = Transport.TCP) -> None:
         self.local = local
+        self.kind = kind
         self.receiver = receiver
         self.registry = registry
         self.framer = StreamFramer(max_size=max_size)
@@ -79,7 +99,7 @@ class TcpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         peer = _addr(transport.get_extra_info("peername"))
-        self.flow = Flow(Transport.TCP, peer, self.local)
+        self.flow = Flow(self.kind, peer, self.local)
         self.last_activity = asyncio.get_running_loop().time()
         self.registry.add(self)
 
@@ -211,18 +231,29 @@ class TcpRegistry:
     def get(self, flow: Flow) -> TcpConnection | None:
         return self.conns.get((flow.local, flow.remote))
 
-    def close_idle(self, now: float, idle: float) -> int:
-        """Close connections silent for ``idle`` seconds; return how many."""
+    def close_idle(self, now: float, idle: float, keep: KeepFlow | None = None) -> int:
+        """Close connections silent for ``idle`` seconds, except those ``keep`` says carry
+        something live (a registration binding: the phone is reached over that connection
+        only, RFC 5626 §3.3); return how many were closed."""
         n = 0
         for conn in list(self.conns.values()):
-            if now - conn.last_activity > idle and conn.transport is not None:
-                conn.transport.close()
-                n += 1
+            if conn.last_activity >= now - idle:
+                break  # in order of activity: the rest are more recent
+            if conn.transport is None or conn.flow is None:
+                continue
+            if keep is not None and keep(conn.flow):
+                continue
+            conn.transport.close()
+            n += 1
         return n
 
 
 class SipTransports:
     """Every SIP listener of the switch, and the way out for :class:`Outgoing` items."""
+
+    capture: SipCapture | None = None
+    """Set when ``[sip]`` traces or captures (:func:`softpbx.aio.capture.install_capture`
+    also wraps :attr:`receiver`, so received messages are captured before the core sees them)."""
 
     def __init__(self, *, receiver: Receiver, max_size: int, max_connections: int = 10_000,
                  max_per_ip: int = 100, on_closed: FlowClosed | None = None) -> None:
@@ -233,6 +264,12 @@ class SipTransports:
         self.tcp = TcpRegistry(max_connections=max_connections, max_per_ip=max_per_ip,
                                on_closed=on_closed)
         self._connecting: dict[tuple, list[Outgoing]] = {}
+        self.tls_client: dict[tuple[str, int], ssl.SSLContext] = {}
+        """Our TLS address -> the context of the connections we open from it (the profile's
+        ``tls_verify``); a TLS flow from an address not listed is not connected."""
+        self.tls_names: dict[tuple[str, int], str] = {}
+        """Peer address -> the host name its certificate must name (a gateway's proxy);
+        peers not listed are checked against their IP address."""
 
     async def listen(self, ip: str, port: int, transports: tuple[Transport, ...]) -> list[str]:
         """Open the listeners of one address; return a line per listener for the log."""
@@ -265,9 +302,28 @@ class SipTransports:
             lines.append(f"SIP listening on tcp {_fmt(local_holder[0])}")
         return lines
 
+    async def listen_tls(self, ip: str, port: int, context: ssl.SSLContext) -> str:
+        """Open a TLS listener; return its line for the log."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+        local_holder: list[tuple[str, int]] = []
+
+        def factory() -> TcpConnection:
+            return TcpConnection(local=local_holder[0], receiver=self.receiver,
+                                 registry=self.tcp, max_size=self.max_size, kind=Transport.TLS)
+
+        server = await loop.create_server(factory, host=ip, port=port, family=family,
+                                          reuse_address=True, ssl=context,
+                                          ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        local_holder.append(_addr(server.sockets[0].getsockname()))
+        self.tcp_servers.append(server)
+        return f"SIP listening on tls {_fmt(local_holder[0])}"
+
     def send(self, out: Outgoing) -> None:
         """Put one outgoing item on the wire."""
         flow = out.flow
+        if self.capture is not None:
+            self.capture.sent(out.data, flow, out.reconnect)
         if flow.transport is Transport.UDP:
             listener = self.udp.get(flow.local)
             if listener is None and self.udp:
@@ -296,20 +352,33 @@ class SipTransports:
             pending.append(out)
             return
         self._connecting[key] = [out]
-        asyncio.get_running_loop().create_task(self._connect(flow.local, remote, key))
+        asyncio.get_running_loop().create_task(
+            self._connect(flow.local, remote, key, flow.transport))
 
-    async def _connect(self, local: tuple[str, int], remote: tuple[str, int], key: tuple) -> None:
+    async def _connect(self, local: tuple[str, int], remote: tuple[str, int], key: tuple,
+                       kind: Transport = Transport.TCP) -> None:
         loop = asyncio.get_running_loop()
+        tls: dict = {}
+        if kind is Transport.TLS:
+            context = self.tls_client.get(local)
+            if context is None:
+                dropped = self._connecting.pop(key, [])
+                log.warning("tls connect to %s: no TLS listener at %s (%d messages dropped)",
+                            _fmt(remote), _fmt(local), len(dropped))
+                return
+            tls = {"ssl": context, "server_hostname": self.tls_names.get(remote, remote[0]),
+                   "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
         try:
             conn = TcpConnection(local=local, receiver=self.receiver, registry=self.tcp,
-                                 max_size=self.max_size)
-            await loop.create_connection(lambda: conn, host=remote[0], port=remote[1])
+                                 max_size=self.max_size, kind=kind)
+            await loop.create_connection(lambda: conn, host=remote[0], port=remote[1], **tls)
             for out in self._connecting.pop(key, []):
                 conn.send(out.data, out.close_after)
-        except OSError as exc:
+        except (TimeoutError, OSError) as exc:
+            # ssl.SSLError (a certificate refused, a failed handshake) is an OSError.
             dropped = self._connecting.pop(key, [])
-            log.warning("tcp connect to %s failed: %s (%d messages dropped)", _fmt(remote),
-                        exc, len(dropped))
+            log.warning("%s connect to %s failed: %s (%d messages dropped)", kind.value,
+                        _fmt(remote), exc or type(exc).__name__, len(dropped))
 
     async def close(self) -> None:
         """Close every listener and connection."""

@@ -43,7 +43,9 @@ from softpbx.config.schema import (
     Rewrite,
     RingGroup,
     SipSettings,
+    Transport,
 )
+from softpbx.config.tls import check_gateway_tls, check_tls_files
 
 __all__ = ["describe", "load_config", "resolve_path", "split_host_port"]
 
@@ -192,6 +194,9 @@ def describe(config: Config) -> str:
             f"  {prof.name:<9} {transports:<8} {_join_host_port(prof.sip_ip, prof.sip_port)}"
             f"  ({auth}{adv})"
         )
+        if Transport.TLS in prof.transports:
+            out.append(f"  {'':<9} {'tls':<8} {_join_host_port(prof.sip_ip, prof.tls_port)}"
+                       f"  (certificate {prof.tls_cert}, verify peers: {_yes(prof.tls_verify)})")
     out += ["", f"Extensions ({len(config.extensions)}):"]
     for ext in config.extensions:
         flags = [f"record={_yes(ext.record)}"]
@@ -637,6 +642,7 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "sip_port": _PORT,
         "transports": _unique,
         "ext_sip_ip": _ip_or_empty,
+        "tls_port": _PORT,
     },
     Extension: {
         "id": lambda file, key, value: _name(file, key, value, "extension id"),
@@ -725,8 +731,11 @@ def _build_config(root: Path, raw: dict[str, dict[str, Any]]) -> Config:
         if ipaddress.ip_address(prof.sip_ip).is_unspecified and not prof.ext_sip_ip:
             _fail(file, "profile.ext_sip_ip", f"must be set when sip_ip is {prof.sip_ip} (the "
                                               "address written into Contact and Via)")
+        check_tls_files(file, prof, root)
     extensions = _load_extensions(root, raw)
     gateways = _load_gateways(root, raw)
+    for gw in gateways:
+        check_gateway_tls(f"gateways/{gw.name}.toml", gw.transport, profiles["external"])
     dialplan = _load_dialplan(raw, {e.id for e in extensions}, {g.name for g in gateways})
     return Config(
         profiles_dir=str(root.resolve()),

@@ -27,6 +27,8 @@ class Transport(StrEnum):
 
     UDP = "udp"
     TCP = "tcp"
+    TLS = "tls"
+    """SIP over TLS (RFC 3261 §26.2.1, RFC 5630): TCP framing inside a TLS 1.2+ session."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +62,8 @@ class SipSettings:
     max_message_size: int = 65536
     """Messages larger than this are refused (UDP: dropped; TCP: 513 and close)."""
     tcp_idle_timeout: int = 600
-    """Seconds an idle inbound TCP connection is kept open."""
+    """Seconds an idle TCP/TLS connection is kept open; one that carries a live registration
+    is kept until the binding expires (the phone may send no keep-alives)."""
     tcp_max_connections: int = 10_000
     """Open TCP connections at most; a new one beyond closes the one silent the longest."""
     tcp_max_connections_per_ip: int = 100
@@ -238,6 +241,17 @@ class Profile:
     """Address advertised in Via/Contact/SDP; empty means ``sip_ip``."""
     auth_calls: bool = True
     """Challenge requests from this profile's non-gateway sources."""
+    tls_port: int = 5061
+    """TLS listen port on ``sip_ip`` (when ``"tls"`` is in ``transports``)."""
+    tls_cert: str = ""
+    """PEM certificate chain of the TLS listener (relative paths: the profiles directory)."""
+    tls_key: str = ""
+    """PEM private key of ``tls_cert`` (relative paths: the profiles directory)."""
+    tls_verify: bool = True
+    """Verify the peer's certificate on the TLS connections softpbx opens from this profile
+    (to gateways with ``transport = "tls"``, back to a phone): chain and host name."""
+    tls_ca_file: str = ""
+    """PEM CA bundle for ``tls_verify``; empty means the system's trust store."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -87,6 +87,15 @@ class Registrar:
         """Whether the connection binding ``key`` of ``aor`` registered over has closed."""
         return (aor, key) in self._dead
 
+    def holds_binding(self, flow: Flow, now: float) -> bool:
+        """Whether stream ``flow`` carries a binding that has not lapsed: the shell keeps
+        such a connection open past its idle timeout (the phone is reached over it only)."""
+        for aor, key in self._by_flow.get(flow, ()):
+            b = self._bindings.get(aor, {}).get(key)
+            if b is not None and b.flow == flow and b.expires_at > now:
+                return True
+        return False
+
     def _live(self, aor: str, now: float) -> list[Binding]:
         table = self._bindings.get(aor)
         if not table:
@@ -276,5 +285,7 @@ def _reachable_after_close(b: Binding) -> Binding | None:
     host = uri.host_bare.lower()
     if host != b.flow.remote[0].lower():
         return None
-    port = uri.port or 5060
-    return dataclasses.replace(b, flow=Flow(Transport.TCP, (host, port), b.flow.local))
+    tls = b.flow.transport is Transport.TLS
+    port = uri.port or (5061 if tls or uri.scheme == "sips" else 5060)
+    # The same transport it registered over: a TLS phone is reconnected over TLS.
+    return dataclasses.replace(b, flow=Flow(b.flow.transport, (host, port), b.flow.local))

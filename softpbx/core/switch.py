@@ -11,7 +11,7 @@ import logging
 from collections import deque
 from email.utils import formatdate
 
-from ..config.schema import Config, Gateway
+from ..config.schema import Config, Gateway, Transport
 from ..sip.auth import FAILURES, AuthOutcome, DigestAuthenticator
 from ..sip.body import multipart_parts
 from ..sip.dialog import Dialog
@@ -175,11 +175,15 @@ class Switch:
     def contact_for(self, flow: Flow) -> str:
         """Our Contact for messages on ``flow`` (in-dialog requests must come back to us)."""
         ip, port = flow.local
+        tls = flow.transport is Transport.TLS
         for profile in (self.config.internal, self.config.external):
-            if profile.ext_sip_ip and (profile.sip_ip, profile.sip_port) == flow.local:
+            ours = (profile.sip_ip, profile.tls_port if tls else profile.sip_port)
+            if profile.ext_sip_ip and ours == flow.local:
                 ip = profile.ext_sip_ip
         host = f"[{ip}]" if ":" in ip else ip
-        tp = ";transport=tcp" if flow.reliable else ""
+        # RFC 5630 §3.1.3 prefers sips:, but phones that registered sip:...;transport=tls
+        # (most) follow this form best; either way the dialog stays on TLS.
+        tp = f";transport={flow.transport.value}" if flow.reliable else ""
         return f"<sip:softpbx@{host}:{port}{tp}>"
 
     def add_dialog(self, dialog: Dialog, leg: Leg) -> None:
@@ -218,11 +222,12 @@ class Switch:
     def gateway_flow(self, gateway: Gateway) -> Flow:
         """Where requests to ``gateway`` go, from the external profile's address."""
         addr = self._gateway_addrs.get(gateway.name)
+        tls = gateway.transport is Transport.TLS  # labelled with our TLS listener's address
         if addr is None:
             host, port = split_hostport(gateway.proxy)
-            addr = (host.strip("[]"), port or 5060)
+            addr = (host.strip("[]"), port or (5061 if tls else 5060))
         ext = self.config.external
-        return Flow(gateway.transport, addr, (ext.sip_ip, ext.sip_port))
+        return Flow(gateway.transport, addr, (ext.sip_ip, ext.tls_port if tls else ext.sip_port))
 
     def call_action(self, action: Action) -> None:
         """A call asks the shell for something (start/stop recording)."""

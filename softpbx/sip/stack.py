@@ -19,7 +19,7 @@ import logging
 import secrets
 from collections import deque
 
-from ..config.schema import SipSettings
+from ..config.schema import SipSettings, Transport
 from .errors import SipError
 from .events import (
     CancelReceived,
@@ -417,8 +417,10 @@ def _reconnect_to(via: Via, flow: Flow) -> tuple[str, int]:
     ``received`` address is always the packet's source IP (``_note_source`` writes it when the
     sent-by host differs), so softpbx never connects to an address a peer only wrote into a
     message (a private one behind NAT, or somebody else's). RFC 3581 ``rport`` is for
-    unreliable transports only: the source port of a connection is ephemeral."""
-    return (flow.remote[0], via.port or 5060)
+    unreliable transports only: the source port of a connection is ephemeral. A TLS sent-by
+    without a port means 5061 (RFC 3261 §18.2.2 / §19.1.2)."""
+    default = 5061 if flow.transport is Transport.TLS else 5060
+    return (flow.remote[0], via.port or default)
 
 
 def _hostport(addr: tuple[str, int]) -> str:

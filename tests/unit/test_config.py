@@ -392,7 +392,7 @@ BROKEN = [
     ),
     (
         "transport",
-        {"internal.toml": '[profile]\ntransports = ["udp", "tls"]\n'},
+        {"internal.toml": '[profile]\ntransports = ["udp", "sctp"]\n'},
         "internal.toml",
         "profile.transports[1]",
         "unknown",
