@@ -216,8 +216,9 @@ class Leg:
         ``Signal=5\r\nDuration=160``, and ``application/dtmf``) is answered ``200`` and
         passed to the other party (:class:`LegInfo`): a phone or trunk that signals keys so
         reaches the IVR or the other phone as it would through Asterisk. An INFO without a
-        body (a keep-alive) gets ``200``; any other body ``415`` with the types we take
-        (RFC 6086 §4.2.2: only transaction-scoped, RFC 5057 §5.1, the dialog lives on)."""
+        body (a keep-alive) gets ``200``; any other body (legacy INFO usage, RFC 6086 §2)
+        ``415`` with the types we take (RFC 3261 §21.4.13): it fails only the transaction
+        (RFC 5057 §5.1), the call goes on."""
         ctype = req.content_type
         if req.body and ctype not in DTMF_INFO:
             self.host.stack.reply(tx, 415, now=now, headers=[("Accept", ", ".join(DTMF_INFO))])
