@@ -127,6 +127,8 @@ class OutboxDb:
         self._jobs: queue.SimpleQueue[Callable[[sqlite3.Connection], Callable[[], None] | None]
                                       | None] = queue.SimpleQueue()
         self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
         self._fast: sqlite3.Connection | None = None
         self.failures = 0
         """Jobs that failed (each one logged)."""
@@ -253,11 +255,13 @@ class OutboxDb:
 
     def _reader(self) -> sqlite3.Connection:
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None:
+        if db is None or db not in self._readers:  # not yet, or closed by close()
             uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
             db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                                  timeout=10.0)
             self._local.db = db
+            with self._readers_lock:
+                self._readers.append(db)
         return db
 
     # -- the thread ----------------------------------------------------------------------------
@@ -268,6 +272,10 @@ class OutboxDb:
         if self._fast is not None:
             self._fast.close()
             self._fast = None
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        for db in readers:
+            db.close()
 
     def _run(self) -> None:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
