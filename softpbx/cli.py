@@ -25,12 +25,19 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE",
                        help="override a config key for this run (repeatable), "
                             "e.g. --set crm.webhook_url=http://127.0.0.1:8099/hook")
+    from .demo import add_demo_parser  # argparse only at import: --help stays fast
+
+    add_demo_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``softpbx`` console script."""
     args = _parser().parse_args(argv)
+    if args.command == "demo":  # loads its own copy of the profiles
+        from .demo import main as demo_main
+
+        return demo_main(args)
     try:
         config = load_config(args.profiles, args.overrides)
     except ConfigError as exc:
