@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 
 from .config.loader import describe, load_config
 from .config.schema import ConfigError
+from .logs import add_log_options, setup_logging
 
 DEFAULT_PROFILES = "sip_profiles"
 
@@ -25,6 +25,8 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE",
                        help="override a config key for this run (repeatable), "
                             "e.g. --set crm.webhook_url=http://127.0.0.1:8099/hook")
+        if name == "run":
+            add_log_options(s)  # -v, --log-format
     from .demo import add_demo_parser  # argparse only at import: --help stays fast
 
     add_demo_parser(sub)
@@ -38,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(args)
+    if getattr(args, "verbose", False):
+        args.overrides.append("sip.trace=true")
     try:
         config = load_config(args.profiles, args.overrides)
     except ConfigError as exc:
@@ -47,9 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(config))
         print("configuration OK")
         return 0
-    level = getattr(logging, config.global_.log_level.upper(), logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(config.global_.log_level, args.log_format)
     from .aio.app import run
 
     try:

@@ -31,6 +31,8 @@ from ..store.sqlite import SqliteStore
 from .driver import SwitchDriver
 from .outbox import Outbox
 from .recording import FinishedRecording, RecordingManager
+from .capture import SipCapture, install_capture
+from .metrics import Metrics
 from .rtp_transport import RtpRelay
 from .tls import client_context, server_context
 
@@ -51,6 +53,8 @@ class Server:
         self.outbox: Outbox | None = None
         self.inspector: CrmInspector | None = None
         self._housekeeping: asyncio.Task[None] | None = None
+        self.capture: SipCapture | None = None
+        self.metrics: Metrics | None = None
         self._tls_names: dict[tuple[str, int], str] = {}
         """Resolved TLS gateway address -> the host name its certificate must name."""
 
@@ -75,6 +79,7 @@ class Server:
         self.driver = SwitchDriver(switch=self.switch, store=self.store, loop=loop)
         self.driver.transports.tls_names.update(self._tls_names)
         self.switch.wall_offset = self.driver.wall_offset()  # refreshed by _housekeep
+        self.capture = install_capture(cfg, self.driver.transports, loop)
         self._start_outbox(loop, db_path)
         if cfg.recording.enabled:
             rec_dir = resolve_path(cfg, cfg.recording.dir)
@@ -103,6 +108,9 @@ class Server:
                            recording_lookup=self.store.recording_by_hash,
                            originate=self._originate, outbox=self.outbox,
                            inspector=self.inspector)
+            self.metrics = Metrics(switch=self.switch, loop=loop, relay=self.relay,
+                                   recordings=self.recordings, outbox=self.outbox)
+            self.metrics.install(app)  # GET /metrics, behind the /api access rule
             self.http_runner = web.AppRunner(app, access_log=None)
             await self.http_runner.setup()
             site = web.TCPSite(self.http_runner, cfg.http.http_ip, cfg.http.http_port,
@@ -270,6 +278,10 @@ class Server:
         if self.driver is not None:
             self.driver.close()
             await self.driver.transports.close()
+        if self.capture is not None:
+            self.capture.close()
+        if self.metrics is not None:
+            await self.metrics.aclose()
         if self.recordings is not None:
             await self.recordings.aclose()
         if self.outbox is not None:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from softpbx.config.schema import MediaSettings
 from softpbx.media.ports import PortAllocator, PortRangeExhausted
-from softpbx.media.relay import Address, LatchPolicy, RelaySession, RelayStream
+from softpbx.media.relay import Address, LatchPolicy, RelaySession, RelayStream, RelayTotals
 
 __all__ = ["RtpRelay"]
 
@@ -126,6 +126,8 @@ class RtpRelay:
         self._sessions: dict[RelaySession, _SessionSockets] = {}
         self._live_sockets = 0
         self._timer: asyncio.TimerHandle | None = None
+        self.closed = RelayTotals()
+        """Counters of the sessions closed so far (metrics add the live ones)."""
 
     # -- introspection -------------------------------------------------------------------
 
@@ -138,6 +140,11 @@ class RtpRelay:
     def session_count(self) -> int:
         """Sessions open."""
         return len(self._sessions)
+
+    @property
+    def sessions(self) -> list[RelaySession]:
+        """The open sessions (a copy; metrics read their counters)."""
+        return list(self._sessions)
 
     @property
     def live_sockets(self) -> int:
@@ -179,6 +186,7 @@ class RtpRelay:
         a_rtp.peer, b_rtp.peer, a_rtcp.peer, b_rtcp.peer = b_rtp, a_rtp, b_rtcp, a_rtcp
         record.protocols = protocols
         self._sessions[session] = record
+        self.closed.opened += 1
         record.attach = self._loop.create_task(self._attach(record))
         if self._timer is None:
             self._timer = self._loop.call_later(self._tick_interval, self._tick)
@@ -195,6 +203,7 @@ class RtpRelay:
         record = self._sessions.pop(session, None)
         if record is None:
             return
+        self.closed.add(session)
         session.detach()
         for port in record.ports:
             self._ports.release(port)

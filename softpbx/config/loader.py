@@ -554,7 +554,7 @@ def _crm_events(file: str, key: str, values: tuple[str, ...]) -> None:
 # rename keep working.
 _ALIASES: dict[str, dict[str, str]] = {"crm": {"token": "click_to_call_token"}}
 # HTTP paths served by softpbx itself, which click_to_call_path may not shadow.
-_RESERVED_PATHS = ("/api", "/rec", "/crm")
+_RESERVED_PATHS = ("/api", "/rec", "/crm", "/metrics")
 
 
 def _http_path(file: str, key: str, value: str) -> None:
@@ -576,6 +576,19 @@ def _header_token(file: str, key: str, value: str) -> None:
                          "compared with an HTTP header")
 
 
+def _host_port_or_empty(file: str, key: str, value: Any) -> None:
+    """An ``ip:port`` (IPv6 in brackets) with a port, or empty."""
+    if value == "":
+        return
+    try:
+        host, port = split_host_port(value)
+        ipaddress.ip_address(host.strip("[]"))
+    except (ValueError, TypeError, AttributeError):
+        _fail(file, key, f"must be an IP address and port like 127.0.0.1:9060, not {value!r}")
+    if not port or not 0 < port < 65536:
+        _fail(file, key, f"must name a port (1-65535), like 127.0.0.1:9060, not {value!r}")
+
+
 # Per-field rules applied as each table is read; cross-field rules live in the loaders.
 _RULES: dict[type, dict[str, _Rule]] = {
     GlobalSettings: {
@@ -592,6 +605,10 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "tcp_idle_timeout": _POSITIVE,
         "tcp_max_connections": _between(1, 1_000_000),
         "tcp_max_connections_per_ip": _between(1, 1_000_000),
+        "capture_max_mb": _between(1, 100_000),
+        "capture_files": _between(1, 1000),
+        "hep_address": _host_port_or_empty,
+        "hep_capture_id": _between(0, 0xFFFFFFFF),
     },
     AuthSettings: {
         "nonce_ttl": _POSITIVE,

@@ -69,6 +69,19 @@ class SipSettings:
     tcp_max_connections_per_ip: int = 100
     """Open TCP connections from one IP at most (phones behind one NAT share it); a new one
     beyond closes that IP's connection silent the longest."""
+    trace: bool = False
+    """Log every SIP message sent and received (``softpbx run -v`` turns it on too)."""
+    capture_pcap: str = ""
+    """Write every SIP message to this pcap file (relative to ``data_dir``); empty: off."""
+    capture_max_mb: int = 20
+    """Size of one pcap file before it rotates (``x.pcap`` -> ``x.pcap.1``)."""
+    capture_files: int = 5
+    """pcap files kept, the current one included."""
+    hep_address: str = ""
+    """``host:port`` of a HEP v3 collector (Homer, ``sngrep -L udp:...``) that gets every
+    SIP message over UDP; empty: off."""
+    hep_capture_id: int = 2001
+    """The HEP capture agent id softpbx sends (tells several capturing hosts apart)."""
 
 
 @dataclass(frozen=True, slots=True)

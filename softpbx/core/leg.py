@@ -187,7 +187,9 @@ class Leg:
             stack.reply(tx, 200, now=now)
             self._drop_peer_offer(now)
             self._finish()
-            self._emit(LegHungUp(self, "BYE from " + self.label), now)
+            # The CDR's cause in an operator's words (the leg label is "a" for the caller).
+            self._emit(LegHungUp(self, "caller hung up" if self.label == "a"
+                                 else "callee hung up"), now)
         elif self._bye_after_ack:
             stack.reply(tx, 481, now=now)  # the call is over; our BYE follows the ACK
         elif method == "UPDATE" and not req.sdp_body:
@@ -565,7 +567,8 @@ class OutboundLeg(Leg):
                 self.dialog = Dialog.as_uac(tx.request, resp)
             except SipError as exc:
                 # A 2xx we cannot even ACK (no To tag): the callee is broken, the leg fails.
-                log.warning("leg %s: unusable 2xx: %s", self.label, exc.reason)
+                log.warning("call %s leg %s: unusable 2xx: %s", _call_id(self), self.label,
+                            exc.reason)
                 if self.state is not LegState.ENDED:
                     self._finish()
                     if not self._cancelled:
@@ -598,10 +601,12 @@ class OutboundLeg(Leg):
             try:
                 dialog = Dialog.as_uac(tx.request, resp)
             except SipError as exc:
-                log.warning("leg %s: unusable 2xx from another fork: %s", self.label, exc.reason)
+                log.warning("call %s leg %s: unusable 2xx from another fork: %s",
+                            _call_id(self), self.label, exc.reason)
                 return
             self._strays[tag] = dialog
-            log.info("leg %s: a second fork answered (To tag %s): ACK and BYE", self.label, tag)
+            log.info("call %s leg %s: a second fork answered (To tag %s): ACK and BYE",
+                     _call_id(self), self.label, tag)
         self.host.stack.send_stateless(self._with_via(self._ack_for(dialog, tx), now), self.flow)
         if fresh:
             bye = self.host.stack.send_request(dialog.request("BYE"), self.flow, now)
@@ -628,3 +633,8 @@ class OutboundLeg(Leg):
                     self._emit(LegFailed(self, 408, "Request Timeout"), now)
             return
         super().on_timeout(tx, now)
+
+
+def _call_id(leg: Leg) -> str:
+    """The id of ``leg``'s call for a log line ("-" once the call is over)."""
+    return str(getattr(leg.call, "id", "-"))

@@ -31,6 +31,15 @@ class FailureTracker:
         self.max_sources = max_sources
         self._fails: dict[str, deque[float]] = {}
         self._banned: dict[str, float] = {}
+        self.failures_total = 0
+        """Failures recorded since start (metrics)."""
+        self.bans_total = 0
+        """Bans started since start (metrics)."""
+
+    @property
+    def banned_count(self) -> int:
+        """Sources banned now or until their next look-up (an expired ban lapses lazily)."""
+        return len(self._banned)
 
     def is_banned(self, ip: str, now: float) -> bool:
         """Whether ``ip`` is banned at ``now``."""
@@ -44,6 +53,7 @@ class FailureTracker:
 
     def record_failure(self, ip: str, now: float) -> bool:
         """Count a failure; return True when this failure starts a ban."""
+        self.failures_total += 1
         if self.max_failures <= 0:
             return False
         q = self._fails.get(ip)
@@ -58,6 +68,7 @@ class FailureTracker:
         if len(q) >= self.max_failures:
             del self._fails[ip]
             self._banned[ip] = now + self.ban_time
+            self.bans_total += 1
             return True
         return False
 

@@ -38,6 +38,7 @@ from .originate import OriginatedCall
 from .registrar import IntervalTooBrief, Registrar
 from .routing import Direction, NoRoute, Router
 from .security import FailureTracker, RateLimitedLog, loggable
+from .stats import CallStats
 from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.switch")
@@ -116,6 +117,8 @@ class Switch:
         self.rejected_log = RateLimitedLog(logger=log, interval=REJECTED_LOG_INTERVAL,
                                            timers=self.timers)
         self.gateways = gateway_matcher(config.gateways)
+        self.stats = CallStats()
+        """Calls ended and setup times, in plain ints (read by the metrics at scrape time)."""
         self._actions: deque[Action] = deque()
         self.notifier = Notifier(settings=config.crm, timezone=config.global_.timezone,
                                  emit=self._actions.append)
@@ -236,6 +239,8 @@ class Switch:
     def call_ended(self, call: Call, action: WriteCdr) -> None:
         """A call finished: forget it, store its CDR."""
         self.calls.pop(call.id, None)
+        self.stats.call_ended(call.route.direction.value, call.disposition, call.created_at,
+                              call.answered_at)
         self._actions.append(action)
 
     def datagrams_to_send(self) -> list[Outgoing]:

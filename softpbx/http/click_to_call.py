@@ -253,11 +253,11 @@ class ClickToCallEndpoint:
     def _is_api(request: web.Request) -> bool:
         # Both the decoded path and the matched route: "/%61pi/status" is "/api/status".
         path = request.path
-        if path == "/api" or path.startswith("/api/"):
+        if path in ("/api", "/metrics") or path.startswith("/api/"):
             return True
         resource = request.match_info.route.resource
         canonical = resource.canonical if resource is not None else ""
-        return canonical == "/api" or canonical.startswith("/api/")
+        return canonical in ("/api", "/metrics") or canonical.startswith("/api/")
 
 
 CLICK_TO_CALL_KEY: web.AppKey[ClickToCallEndpoint] = web.AppKey("click_to_call",

@@ -34,6 +34,7 @@ __all__ = [
     "RelaySession",
     "RelaySide",
     "RelayStream",
+    "RelayTotals",
     "Side",
     "SideCounters",
     "StreamKind",
@@ -373,3 +374,29 @@ class RelaySession:
         """Loop time of the last RTP from either side (session creation if none yet): an
         answered call is hung up when ``now - last_media_at`` passes ``rtp_timeout``."""
         return max(self.a.rtp.last_rx_at, self.b.rtp.last_rx_at)
+
+
+class RelayTotals:
+    """Traffic of the relay's closed sessions, summed when each closes (metrics: the live
+    sessions' stream counters are added at scrape time, so the hot path counts nothing more)."""
+
+    __slots__ = ("bytes_in", "opened", "packets_in", "rejected", "unroutable")
+
+    def __init__(self) -> None:
+        self.opened = 0
+        """Sessions opened since start."""
+        self.packets_in = 0
+        """Packets accepted from a latched or acceptable source (RTP and RTCP)."""
+        self.bytes_in = 0
+        self.rejected = 0
+        """Packets dropped because of their source."""
+        self.unroutable = 0
+        """Packets accepted but dropped: the other side had no address yet."""
+
+    def add(self, session: RelaySession) -> None:
+        """Fold a closing session's counters in."""
+        for stream in session.streams():
+            self.packets_in += stream.packets_in
+            self.bytes_in += stream.bytes_in
+            self.rejected += stream.rejected
+            self.unroutable += stream.unroutable

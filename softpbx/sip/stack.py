@@ -52,6 +52,10 @@ def new_branch() -> str:
     return MAGIC_COOKIE + secrets.token_hex(10)
 
 
+METHODS_COUNTED = 24
+"""Distinct request methods counted by name (the known ones fit); more count as ``other``."""
+
+
 def new_tag() -> str:
     """A fresh From/To tag (RFC 3261 §19.3: at least 32 bits of randomness)."""
     return secrets.token_hex(6)
@@ -78,6 +82,16 @@ class SipStack:
         self._completed_fifo: deque[tuple[float, tuple]] = deque()
         self._stream_clients: dict[Flow, set[tuple]] = {}
         """Stream flow -> keys of our client transactions on it (ended when it closes)."""
+        # Metrics in plain ints (read at scrape time, retransmissions included, as a SIP
+        # server's statistics count messages on the wire).
+        self.requests_in: dict[str, int] = {}
+        """Requests received and parsed, by method (``other`` past :data:`METHODS_COUNTED`)."""
+        self.responses_in = [0] * 7
+        """Responses received and parsed, by status class (index 1 = 1xx ... 6 = 6xx)."""
+        self.requests_out: dict[bytes, int] = {}
+        """Requests sent, by method (bytes, as on the wire)."""
+        self.responses_out = [0] * 7
+        """Responses sent, by status class."""
 
     # -- inputs -------------------------------------------------------------------------------
     def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:
@@ -110,11 +124,17 @@ class SipStack:
             return
         # Headers are parsed lazily: one the parser did not check may still be malformed.
         if isinstance(msg, Response):
+            self.responses_in[min(msg.status // 100, 6)] += 1
             try:
                 self._on_response(msg, flow, now)
             except SipError as exc:
                 self._emit(MessageRejected(flow, exc.reason, None))  # a response: dropped
         else:
+            counts = self.requests_in
+            method = msg.method
+            if method not in counts and len(counts) >= METHODS_COUNTED:
+                method = "other"  # a peer inventing methods must not grow the table
+            counts[method] = counts.get(method, 0) + 1
             try:
                 self._on_request(msg, flow, now)
             except SipError as exc:
@@ -155,6 +175,17 @@ class SipStack:
         """Everything to put on the wire since the last call."""
         out = self._out
         self._out = []
+        requests, responses = self.requests_out, self.responses_out
+        for item in out:
+            data = item.data
+            if data[:8] == b"SIP/2.0 ":
+                # Status-Line (RFC 3261 §7.2): "SIP/2.0 " then three digits.
+                cls = data[8] - 48
+                responses[cls if 1 <= cls <= 6 else 0] += 1
+            elif data and data[0] != 13:  # not a CRLF keep-alive pong
+                space = data.find(b" ", 0, 24)
+                method = data[:space] if space > 0 else b"other"
+                requests[method] = requests.get(method, 0) + 1
         return out
 
     def get_timer(self) -> float | None:

@@ -117,7 +117,10 @@ class Transaction:
             raise RuntimeError(f"{self.kind} {old.value} -> {new.value} is not a legal transition")
         self.state = new
         if log.isEnabledFor(logging.DEBUG):
-            log.debug("%s %s %s -> %s", self.kind, self.method, old.value, new.value)
+            # The branch and Call-ID tie the line to the messages in a SIP capture.
+            key = self.key[0] if isinstance(self.key, tuple) and self.key else "-"
+            log.debug("%s %s %s -> %s (branch %s, Call-ID %s)", self.kind, self.method,
+                      old.value, new.value, key, self.request.get("call-id"))
         if new is S.TERMINATED:
             self.host._cancel_timers(self)
             self.host._terminated(self)
