@@ -156,6 +156,9 @@ class Demo:
             f"internal.sip_port={self.sip_port}", f"external.sip_port={self.sip_port}",
             f"media.rtp_ip={HOST}", f"http.http_ip={HOST}", f"http.http_port={self.http_port}",
             f"http.public_base_url={self.base}",
+            # No API token: on 127.0.0.1 the console, the API and the inspector are then open
+            # to this machine, so the printed URL works in a browser as it is.
+            "http.api_token=",
             f"global.data_dir={self.workdir}", f"global.db_path={self.workdir / 'softpbx.db'}",
             "recording.enabled=true", "recording.dir=recordings",
             "crm.webhook_url=", f"crm.click_to_call_token={self.token}",
