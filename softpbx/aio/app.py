@@ -20,7 +20,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from ..config.loader import resolve_path, split_host_port
-from ..config.schema import Config, Profile, Transport
+from ..config.schema import Config, Transport
 from ..core.events import OriginateRefused
 from ..core.switch import Switch
 from ..crm.webhook import WebhookSender
@@ -99,8 +99,7 @@ class Server:
             for line in await self.driver.transports.listen(profile.sip_ip, profile.sip_port,
                                                             profile.transports):
                 log.info("%s (profile %s)", line, profile.name)
-            if Transport.TLS in profile.transports:
-                await self._listen_tls(profile)
+        await self._listen_tls()
         self.switch.start(loop.time())
         self.driver.kick()
         if cfg.http.http_port:
@@ -131,17 +130,52 @@ class Server:
         # tracebacks) that outlive the young collections are still reclaimed.
         gc.set_threshold(50_000, 20, 10)
 
-    async def _listen_tls(self, profile: Profile) -> None:
-        """The TLS listener of ``profile`` and the context of the connections opened from it
-        (the loader already checked that the files load)."""
+    async def _listen_tls(self) -> None:
+        """The TLS listener of each profile with ``"tls"`` (once per address: profiles may
+        share one, the first one's files serve it) and the context of the connections opened
+        from it (the loader already checked that the files load)."""
         assert self.driver is not None
         transports = self.driver.transports
-        local = (profile.sip_ip, profile.tls_port)
         root = self.config.profiles_dir
-        transports.tls_client[local] = client_context(profile, root)
-        line = await transports.listen_tls(profile.sip_ip, profile.tls_port,
-                                           server_context(profile, root))
-        log.info("%s (profile %s)", line, profile.name)
+        for profile in (self.config.internal, self.config.external):
+            local = (profile.sip_ip, profile.tls_port)
+            if Transport.TLS not in profile.transports or local in transports.tls_client:
+                continue
+            transports.tls_client[local] = client_context(profile, root)
+            line = await transports.listen_tls(profile.sip_ip, profile.tls_port,
+                                               server_context(profile, root))
+            log.info("%s (profile %s)", line, profile.name)
+
+    async def reload(self, config: Config) -> ReloadResult:
+        """Apply a re-read (and validated) configuration to the running switch: extensions,
+        gateways and the dial plan at once, for new calls; the rest is logged as needing a
+        restart (:meth:`Switch.reload`). Gateways named by host name are resolved first."""
+        loop = asyncio.get_running_loop()
+        old = {g.name: g for g in self.switch.config.gateways}
+        result = self.switch.reload(config, loop.time())
+        self.config = self.switch.config
+        fresh = [g for g in self.config.gateways if old.get(g.name) != g]
+        if fresh:
+            await self._resolve_gateways(loop, fresh)
+            if self.driver is not None:
+                self.driver.transports.tls_names.update(self._tls_names)
+        if self.driver is not None:
+            self.driver.kick()  # the un-REGISTERs and REGISTERs of changed gateways
+        log.info("configuration reloaded: %s", result.summary())
+        return result
+
+    def write_pid(self) -> None:
+        """``<data dir>/softpbx.pid``: how ``softpbx reload`` finds this process."""
+        with open(self.pid_path, "w", encoding="ascii") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+    def remove_pid(self) -> None:
+        """Remove the pid file if it is still ours (a second instance may have replaced it)."""
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.pid_path, encoding="ascii") as fh:
+                if int(fh.read().strip()) != os.getpid():
+                    return
+            os.unlink(self.pid_path)
 
     def _start_outbox(self, loop: asyncio.AbstractEventLoop, db_path: str) -> None:
         """The webhook outbox, posting to ``crm.webhook_url`` or to the built-in inspector.

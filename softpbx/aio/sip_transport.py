@@ -389,6 +389,13 @@ class SipTransports:
             dropped = self._connecting.pop(key, [])
             log.warning("%s connect to %s failed: %s (%d messages dropped)", kind.value,
                         _fmt(remote), exc or type(exc).__name__, len(dropped))
+            # RFC 3261 §8.1.3.1 / §17.1.4: a transport failure is reported to the transaction
+            # user at once. The requests' flow names this very connection: reporting it
+            # closed ends their client transactions now (the call tries its next callee or
+            # fails) instead of after Timer B, e.g. for a carrier whose certificate we refuse.
+            flow = Flow(kind, remote, local)
+            if self.tcp.on_closed is not None and any(o.flow == flow for o in dropped):
+                self.tcp.on_closed(flow)
 
     async def close(self) -> None:
         """Close every listener and connection."""
