@@ -667,6 +667,8 @@ _RULES: dict[type, dict[str, _Rule]] = {
         # empty (the default): the [auth] list
         "auth_algorithms": lambda file, key, values: _algorithms(file, key, values,
                                                                  allow_empty=True),
+        "pickup_group": lambda file, key, value: (
+            _name(file, key, value, "pickup group name") if value else None),
     },
     Gateway: {
         "proxy": lambda file, key, value: _host_port(file, key, value, hostname=True),

@@ -291,6 +291,9 @@ class Extension:
     auth_algorithms: tuple[str, ...] = ()
     """Digest algorithms offered to this extension (its REGISTERs by To, its calls by From), in
     this order, e.g. ``["SHA-256", "MD5"]``; empty means ``[auth] algorithms``."""
+    pickup_group: str = ""
+    """Call pickup group: ``*8`` on this extension's phone picks up a call ringing another
+    extension of the same group (``**<ext>`` picks up any extension); "" = none."""
 
 
 @dataclass(frozen=True, slots=True)

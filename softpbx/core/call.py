@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import replace
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config.schema import Config, Gateway
 from ..media.ports import PortRangeExhausted
@@ -58,6 +59,10 @@ from .outcome import (
 from .registrar import Registrar
 from .routing import Direction, ExtensionTarget, GatewayTarget, Route, Router, Stage
 from .timers import TimerQueue
+from .transfer import chain_text
+
+if TYPE_CHECKING:
+    from .transfer import BlindTransfer
 
 log = logging.getLogger("softpbx.call")
 
@@ -174,6 +179,10 @@ class Call:
         self.cause = ""
         self.sip_code = 0
         self.disposition = ""
+        self.transfer: BlindTransfer | None = None
+        """A blind transfer ringing its target (:mod:`.transfer`), which sees the events first."""
+        self.transfers: list[dict[str, Any]] = []
+        """The transfer/pickup chain of the CDR (:func:`.transfer.chain_text`)."""
 
     # -- start --------------------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -295,6 +304,8 @@ class Call:
     def handle(self, event: LegEvent, now: float) -> None:
         """A leg reports something."""
         if self.state is CallState.ENDED:
+            return
+        if self.transfer is not None and self.transfer.handle(event, now):
             return
         leg = event.leg
         if isinstance(event, LegRinging):
@@ -521,6 +532,8 @@ class Call:
     def _on_ended(self, old: CallState, now: float) -> None:
         self.ended_at = now
         self.timers.clear()
+        if self.transfer is not None:
+            self.transfer.abort(now)
         if old is CallState.ANSWERED and self._recorded:
             self.host.call_action(StopRecording(self.id, now))
         if self.media is not None:
@@ -555,6 +568,8 @@ class Call:
                 notifier.end(self, self.route.dialled, ext, duration=rec.duration,
                              disposition=self.disposition, sip_code=self.sip_code,
                              recorded=self._recorded)
+        if self.transfers:
+            rec = replace(rec, transfers=chain_text(self))
         self.host.call_ended(self, WriteCdr(rec))
         self._release()
 

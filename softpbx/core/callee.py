@@ -22,9 +22,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("softpbx.call")
 
 
-def legs_for(call: Call, target: Target, now: float) -> list[OutboundLeg]:
+def legs_for(call: Call, target: Target, now: float, *, body: bytes | None = None,
+             caller: tuple[str, str] | None = None,
+             extra: list[tuple[str, str]] | None = None) -> list[OutboundLeg]:
     """The callee legs of ``target`` (one per registered phone, or one to the trunk);
-    none, with the reason noted in the call's failures, when it cannot be rung."""
+    none, with the reason noted in the call's failures, when it cannot be rung.
+    ``body``, ``caller``, ``extra``: what :func:`make_leg` takes, for a transfer's target
+    (the remaining party's SDP and number, ``Referred-By``)."""
     if isinstance(target, ExtensionTarget):
         bindings = call.host.registrar.lookup(target.extension, now)
         if not bindings:
@@ -33,7 +37,8 @@ def legs_for(call: Call, target: Target, now: float) -> list[OutboundLeg]:
         legs = []
         for b in bindings:
             to = f"<sip:{target.extension}@{call.host.config.global_.domain}>"
-            leg = make_leg(call, flow=b.flow, ruri=b.contact, to=to, credentials=None)
+            leg = make_leg(call, flow=b.flow, ruri=b.contact, to=to, credentials=None,
+                           caller=caller, body=body, extra=extra)
             leg.extension = target.extension
             legs.append(leg)
         return legs
@@ -48,12 +53,12 @@ def legs_for(call: Call, target: Target, now: float) -> list[OutboundLeg]:
     host = gw.realm or gw.proxy
     creds = Credentials(gw.username, gw.password, gw.auth_algorithms) if gw.username else None
     # A DID forwarded out (no caller ID of its own configured) shows the original caller.
-    caller = (None if call.route.direction is Direction.INBOUND and not target.caller_id_number
-              else (target.caller_id_number, target.caller_id_name))
+    if target.caller_id_number or call.route.direction is not Direction.INBOUND:
+        caller = (target.caller_id_number, target.caller_id_name)
     account = None if gw.caller_id_in_from else (gw.from_user or gw.username or None)
     leg = make_leg(call, flow=flow, ruri=f"sip:{_user(target.number)}@{gw.proxy}",
                          to=f"<sip:{_user(target.number)}@{host}>", credentials=creds,
-                         caller=caller, host=host, account=account)
+                         caller=caller, host=host, account=account, body=body, extra=extra)
     leg.gateway = gw.name
     return [leg]
 
@@ -87,7 +92,7 @@ def make_leg(call: Call, *, flow: Flow, ruri: str, to: str, credentials: Credent
         ("Contact", call.host.contact_for(flow)),
         *identity,
         *(extra or ()),
-        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO"),
+        ("Allow", "INVITE, ACK, CANCEL, BYE, OPTIONS, UPDATE, INFO, REFER, NOTIFY"),
         ("Content-Type", "application/sdp"),
         ("Content-Length", str(len(body))),
     ]

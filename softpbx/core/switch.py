@@ -35,6 +35,8 @@ from .gateway_reg import GatewayRegistration
 from .leg import Leg
 from .notify import CrmAnswer, Notifier
 from .originate import OriginatedCall
+from .pickup import pick, wanted
+from .refer import on_refer
 from .registrar import IntervalTooBrief, Registrar
 from .routing import Direction, NoRoute, Router
 from .security import FailureTracker, RateLimitedLog, loggable
@@ -44,7 +46,7 @@ from .timers import TimerQueue
 log = logging.getLogger("softpbx.switch")
 auth_log = logging.getLogger("softpbx.auth")
 
-ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO"
+ALLOW = "INVITE, ACK, CANCEL, BYE, OPTIONS, REGISTER, UPDATE, INFO, REFER"
 """Methods softpbx implements (RFC 3261 §20.5)."""
 KNOWN_METHODS = frozenset({"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTER", "INFO",
                            "UPDATE", "PRACK", "SUBSCRIBE", "NOTIFY", "PUBLISH", "MESSAGE",
@@ -359,7 +361,10 @@ class Switch:
             if leg is None or leg.ended:
                 reply(tx, 481, now=now)
             else:
-                leg.on_request(req, tx, now)
+                if method == "REFER":  # a transfer: authenticated and routed there
+                    on_refer(self, leg, req, tx, flow, now)
+                else:
+                    leg.on_request(req, tx, now)
             return
         if method == "REGISTER":
             self._on_register(req, tx, flow, now)
@@ -483,6 +488,9 @@ class Switch:
         contacts = req.contacts
         if not contacts or len(contacts) != 1:
             raise ParseError("INVITE needs exactly one Contact")
+        if caller_ext and wanted(dialled):  # *8, **<ext>: call pickup
+            pick(self, caller_ext, dialled, tx, flow, now)
+            return
         if isinstance(route, NoRoute):
             log.info("no route for %r from %s: %d", dialled, flow, route.status)
             reply(tx, route.status, route.reason, now=now, to_tag=new_tag())

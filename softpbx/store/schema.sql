@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS cdr (
     disposition  TEXT NOT NULL,     -- answered | busy | cancel | no answer | failed
     sip_code     INTEGER NOT NULL,
     cause        TEXT NOT NULL,
-    pbx_call_id  TEXT NOT NULL DEFAULT ''  -- the CRM's id of the call (in_/out_ + 40 hex), else ''
+    pbx_call_id  TEXT NOT NULL DEFAULT '',  -- the CRM's id of the call (in_/out_ + 40 hex), else ''
+    transfers    TEXT NOT NULL DEFAULT ''   -- transfer/pickup chain (JSON list), else ''
 );
 CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at);
 

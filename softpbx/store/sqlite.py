@@ -56,6 +56,7 @@ def _connect(path: str) -> sqlite3.Connection:
 _ADDED_COLUMNS = (
     ("cdr", "caller_extension", "TEXT NOT NULL DEFAULT ''"),
     ("cdr", "pbx_call_id", "TEXT NOT NULL DEFAULT ''"),
+    ("cdr", "transfers", "TEXT NOT NULL DEFAULT ''"),
 )
 """Columns added since the first schema: databases made before get them at start-up."""
 
@@ -184,13 +185,13 @@ class SqliteStore:
             self._write((
                 "INSERT OR REPLACE INTO cdr (call_id, sip_call_id, direction, caller, callee, did,"
                 " extension, caller_extension, gateway, started_at, answered_at, ended_at,"
-                " duration, disposition, sip_code, cause, pbx_call_id)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " duration, disposition, sip_code, cause, pbx_call_id, transfers)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.call_id, r.sip_call_id, r.direction, r.caller, r.callee, r.did, r.extension,
                  r.caller_extension, r.gateway, r.started_at + wall_offset,
                  None if r.answered_at is None else r.answered_at + wall_offset,
                  r.ended_at + wall_offset, r.duration, r.disposition, r.sip_code, r.cause,
-                 r.pbx_call_id)))
+                 r.pbx_call_id, r.transfers)))
         elif isinstance(action, DeleteBinding):
             self._write(("DELETE FROM registrations WHERE aor=? AND key=?",
                              (action.aor, action.key)))
