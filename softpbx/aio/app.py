@@ -146,37 +146,6 @@ class Server:
                                                server_context(profile, root))
             log.info("%s (profile %s)", line, profile.name)
 
-    async def reload(self, config: Config) -> ReloadResult:
-        """Apply a re-read (and validated) configuration to the running switch: extensions,
-        gateways and the dial plan at once, for new calls; the rest is logged as needing a
-        restart (:meth:`Switch.reload`). Gateways named by host name are resolved first."""
-        loop = asyncio.get_running_loop()
-        old = {g.name: g for g in self.switch.config.gateways}
-        result = self.switch.reload(config, loop.time())
-        self.config = self.switch.config
-        fresh = [g for g in self.config.gateways if old.get(g.name) != g]
-        if fresh:
-            await self._resolve_gateways(loop, fresh)
-            if self.driver is not None:
-                self.driver.transports.tls_names.update(self._tls_names)
-        if self.driver is not None:
-            self.driver.kick()  # the un-REGISTERs and REGISTERs of changed gateways
-        log.info("configuration reloaded: %s", result.summary())
-        return result
-
-    def write_pid(self) -> None:
-        """``<data dir>/softpbx.pid``: how ``softpbx reload`` finds this process."""
-        with open(self.pid_path, "w", encoding="ascii") as fh:
-            fh.write(f"{os.getpid()}\n")
-
-    def remove_pid(self) -> None:
-        """Remove the pid file if it is still ours (a second instance may have replaced it)."""
-        with contextlib.suppress(OSError, ValueError):
-            with open(self.pid_path, encoding="ascii") as fh:
-                if int(fh.read().strip()) != os.getpid():
-                    return
-            os.unlink(self.pid_path)
-
     def _start_outbox(self, loop: asyncio.AbstractEventLoop, db_path: str) -> None:
         """The webhook outbox, posting to ``crm.webhook_url`` or to the built-in inspector.
         Started before the listeners: a call's events are accepted from the first INVITE,

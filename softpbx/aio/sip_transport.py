@@ -29,14 +29,10 @@ import socket
 import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING
-from typing import TYPE_CHECKING
 
 from ..config.schema import Transport
 from ..sip.events import Flow, Outgoing
 from ..sip.framing import StreamFramer
-
-if TYPE_CHECKING:
-    from .capture import SipCapture
 
 if TYPE_CHECKING:
     from .capture import SipCapture
@@ -259,10 +255,6 @@ class SipTransports:
     """Set when ``[sip]`` traces or captures (:func:`softpbx.aio.capture.install_capture`
     also wraps :attr:`receiver`, so received messages are captured before the core sees them)."""
 
-    capture: SipCapture | None = None
-    """Set when ``[sip]`` traces or captures (:func:`softpbx.aio.capture.install_capture`
-    also wraps :attr:`receiver`, so received messages are captured before the core sees them)."""
-
     def __init__(self, *, receiver: Receiver, max_size: int, max_connections: int = 10_000,
                  max_per_ip: int = 100, on_closed: FlowClosed | None = None) -> None:
         self.receiver = receiver
@@ -330,8 +322,6 @@ class SipTransports:
     def send(self, out: Outgoing) -> None:
         """Put one outgoing item on the wire."""
         flow = out.flow
-        if self.capture is not None:
-            self.capture.sent(out.data, flow, out.reconnect)
         if self.capture is not None:
             self.capture.sent(out.data, flow, out.reconnect)
         if flow.transport is Transport.UDP:
