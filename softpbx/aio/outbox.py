@@ -44,6 +44,11 @@ WINDOW = 2000
 """Events held in memory by default (the rest wait in SQLite)."""
 UPDATE_BATCH_S = 0.02
 """Seconds attempt outcomes are gathered before they are written."""
+KEEP_DELIVERED_S = 7 * 86400.0
+"""Delivered events stay visible in /api/webhooks this long, then are deleted."""
+KEEP_SETTLED_S = 30 * 86400.0
+"""Failed and given-up events stay this long (an operator may re-queue them meanwhile)."""
+PURGE_EVERY_S = 3600.0
 
 
 class Sender(Protocol):
@@ -95,6 +100,7 @@ class Outbox:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self._update_timer: asyncio.TimerHandle | None = None
+        self._purge_timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.attempts = 0
         self.delivered = 0
@@ -115,8 +121,23 @@ class Outbox:
         return self._queue.in_flight
 
     def start(self) -> None:
-        """Page in what an earlier run left pending (delivered as soon as it is read)."""
+        """Page in what an earlier run left pending (delivered as soon as it is read); purge
+        old settled events now and hourly (the table would otherwise only grow)."""
         self._page_in()
+        self._purge()
+
+    def _purge(self) -> None:
+        if self._closed:
+            return
+        now = self.clock()
+
+        def purged(n: int) -> None:
+            if n:
+                log.info("outbox: %d old delivered/failed events deleted", n)
+
+        self.db.purge(delivered_before=now - KEEP_DELIVERED_S,
+                      settled_before=now - KEEP_SETTLED_S, then=purged)
+        self._purge_timer = self.loop.call_later(PURGE_EVERY_S, self._purge)
 
     def submit(self, action: SendWebhook) -> None:
         """Commit ``action`` to the outbox (this tick's batch), then deliver it."""
@@ -168,10 +189,10 @@ class Outbox:
         """Stop sending: attempts under way are abandoned (their events stay pending);
         events submitted so far are committed before the writer stops."""
         self._closed = True
-        for timer in (self._timer, self._update_timer):
+        for timer in (self._timer, self._update_timer, self._purge_timer):
             if timer is not None:
                 timer.cancel()
-        self._timer = self._update_timer = None
+        self._timer = self._update_timer = self._purge_timer = None
         tasks = list(self._tasks)
         for t in tasks:
             t.cancel()

@@ -224,6 +224,20 @@ class OutboxDb:
 
         self._jobs.put(job)
 
+    def purge(self, *, delivered_before: float, settled_before: float,
+              then: Callable[[int], None]) -> None:
+        """Delete delivered events older than ``delivered_before`` and failed / given-up ones
+        created before ``settled_before`` (Unix times); ``then`` gets how many went. Pending
+        events are never deleted."""
+        def job(db: sqlite3.Connection) -> Callable[[], None]:
+            n = db.execute("DELETE FROM outbox WHERE state='delivered' AND delivered_at < ?",
+                           (delivered_before,)).rowcount
+            n += db.execute("DELETE FROM outbox WHERE state IN ('failed', 'given_up')"
+                            " AND created_at < ?", (settled_before,)).rowcount
+            return lambda: then(n)
+
+        self._jobs.put(job)
+
     # -- reads (blocking: an executor) ---------------------------------------------------------
     def query(self, *, state: str = "", pbx_call_id: str = "", before_id: int = 0,
               limit: int = 50) -> list[OutboxRow]:

@@ -148,3 +148,25 @@ def test_sqlite_store_implements_the_store_interface(tmp_path: Path) -> None:
     store.recording_deleted("c1", at=4.0)
     assert store.flush() and store.recording_index() == [("c1", "/r/c1.mp3", "deleted", "")]
     store.close()
+
+
+def test_purge_deletes_old_settled_events_never_pending_ones(outbox: Sync) -> None:
+    rows = outbox.call(lambda then: outbox.db.insert(
+        [ev("in_a", 1), ev("in_a", 2), ev("in_b", 1), ev("in_c", 1), ev("in_d", 1)], at=100.0,
+        then=then))
+    a1, a2, b1, c1, _ = rows
+
+    def upd(r: OutboxRow, state: str, delivered_at: float | None) -> RowUpdate:
+        return RowUpdate(id=r.id, state=state, attempts=1, next_attempt_at=100.0,
+                         last_status=200, last_error="", last_latency_ms=1.0,
+                         delivered_at=delivered_at)
+
+    outbox.db.update([upd(a1, "delivered", 150.0), upd(a2, "delivered", 300.0),
+                      upd(b1, "failed", None), upd(c1, "given_up", None)])
+    n = outbox.call(lambda then: outbox.db.purge(delivered_before=200.0, settled_before=50.0,
+                                                 then=then))
+    assert n == 1 and {r.event_id for r in outbox.db.query()} == \
+        {"in_a.2", "in_b.1", "in_c.1", "in_d.1"}
+    n = outbox.call(lambda then: outbox.db.purge(delivered_before=1e12, settled_before=1e12,
+                                                 then=then))
+    assert n == 3 and [r.event_id for r in outbox.db.query()] == ["in_d.1"]  # pending stays
