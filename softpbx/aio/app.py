@@ -26,8 +26,10 @@ from ..core.switch import Switch
 from ..crm.webhook import WebhookSender
 from ..http.app import make_app
 from ..http.inspector import CrmInspector
+from ..store.cdr_search import CdrSearch
 from ..store.outbox import OutboxDb
 from ..store.sqlite import SqliteStore
+from .console import console_sources
 from .driver import SwitchDriver
 from .outbox import Outbox
 from .recording import FinishedRecording, RecordingManager
@@ -52,6 +54,7 @@ class Server:
         self.recordings: RecordingManager | None = None
         self.outbox: Outbox | None = None
         self.inspector: CrmInspector | None = None
+        self._cdr_search: CdrSearch | None = None
         self._housekeeping: asyncio.Task[None] | None = None
         self.capture: SipCapture | None = None
         self.metrics: Metrics | None = None
@@ -103,10 +106,11 @@ class Server:
         self.switch.start(loop.time())
         self.driver.kick()
         if cfg.http.http_port:
+            sources, self._cdr_search = console_sources(self, db_path)
             app = make_app(switch=self.switch, clock=loop.time, cdr_fetch=self.store.recent_cdrs,
                            recording_lookup=self.store.recording_by_hash,
                            originate=self._originate, outbox=self.outbox,
-                           inspector=self.inspector)
+                           inspector=self.inspector, console_sources=sources)
             self.metrics = Metrics(switch=self.switch, loop=loop, relay=self.relay,
                                    recordings=self.recordings, outbox=self.outbox)
             self.metrics.install(app)  # GET /metrics, behind the /api access rule
@@ -278,6 +282,8 @@ class Server:
             await self._unregister_gateways(loop)
         if self.http_runner is not None:
             await self.http_runner.cleanup()
+        if self._cdr_search is not None:
+            self._cdr_search.close()
         if self.driver is not None:
             self.driver.close()
             await self.driver.transports.close()

@@ -554,7 +554,8 @@ def _crm_events(file: str, key: str, values: tuple[str, ...]) -> None:
 # rename keep working.
 _ALIASES: dict[str, dict[str, str]] = {"crm": {"token": "click_to_call_token"}}
 # HTTP paths served by softpbx itself, which click_to_call_path may not shadow.
-_RESERVED_PATHS = ("/api", "/rec", "/crm", "/metrics")
+_RESERVED_PATHS = ("/api", "/rec", "/crm", "/metrics", "/console", "/login", "/logout",
+                   "/static")
 
 
 def _http_path(file: str, key: str, value: str) -> None:
@@ -639,7 +640,8 @@ _RULES: dict[type, dict[str, _Rule]] = {
         "max_total_mb": _NOT_NEGATIVE,
     },
     CallSettings: {"max_duration": _NOT_NEGATIVE, "no_answer_timeout": _POSITIVE},
-    HttpSettings: {"http_ip": _ip, "http_port": _between(0, 65535), "api_token": _header_token},
+    HttpSettings: {"http_ip": _ip, "http_port": _between(0, 65535), "api_token": _header_token,
+                   "admin_user": _header_token, "admin_password": _header_token},
     CrmSettings: {
         "click_to_call_path": _http_path,
         "click_to_call_token": _header_token,
@@ -808,11 +810,12 @@ def _check_settings(s: dict[str, Any]) -> None:
     http: HttpSettings = s["http"]
     if http.http_port:
         _url(f, "http.public_base_url", http.public_base_url, allow_empty=False)
-        if not ipaddress.ip_address(http.http_ip).is_loopback and not http.api_token:
-            # /api/* lists calls and CDRs and places calls: beyond loopback it needs a key.
-            _fail(f, "http.api_token", f"must be set when http.http_ip ({http.http_ip}) is not "
-                                       "a loopback address (the /api/* endpoints would be "
-                                       "open to the network)")
+        if bool(http.admin_user) != bool(http.admin_password):
+            _fail(f, "http.admin_password" if http.admin_user else "http.admin_user",
+                  "must be set with http.admin_user/admin_password (the console's login "
+                  "needs both)")
+        # No credential beyond loopback is not refused: the console, /api/* and /crm/ then
+        # answer loopback clients only (softpbx.http.access) and `softpbx check` warns.
     crm: CrmSettings = s["crm"]
     if crm.retry_max_s < crm.retry_min_s:
         _fail(f, "crm.retry_max_s", f"must be at least retry_min_s ({crm.retry_min_s})")
@@ -973,15 +976,22 @@ def _inspector_url(http: HttpSettings) -> str:
 
 
 def _api_auth(config: Config) -> str:
-    """Which rule guards ``/api/*`` (the HTTP side applies the same one)."""
+    """Which rule guards the console, ``/api/*`` and ``/crm/`` (``softpbx.http.access``
+    applies the same one)."""
     http = config.http
     if not http.http_port:
         return "none (HTTP disabled)"
+    login = bool(http.admin_user and http.admin_password)
+    if login or http.api_token:
+        ways = (["console login (http.admin_user)"] if login else []) + \
+            (["bearer token (http.api_token)"] if http.api_token else [])
+        return " or ".join(ways) + " required for the console, /api/* and /crm/"
     if not ipaddress.ip_address(http.http_ip).is_loopback:
-        return f"bearer token required (http_ip {http.http_ip} is not loopback)"
-    if http.api_token:
-        return "bearer token required (http.api_token is set)"
-    return "none (HTTP on loopback only; set http.api_token to require a bearer token)"
+        return (f"WARNING: no http.admin_password or http.api_token while http_ip "
+                f"{http.http_ip} is not loopback: the console, /api/* and /crm/ answer "
+                f"loopback clients only")
+    return ("none (the console, /api/* and /crm/ answer loopback clients only; set "
+            "http.admin_user/admin_password or http.api_token to open them)")
 
 
 def _yes(flag: bool) -> str:

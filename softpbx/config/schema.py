@@ -181,8 +181,13 @@ class HttpSettings:
     public_base_url: str = "http://127.0.0.1:8080"
     """Base of links handed to the CRM (recordings)."""
     api_token: str = ""
-    """``Authorization: Bearer`` token of ``/api/*``; required (and checked at start-up) when
-    ``http_ip`` is not a loopback address, and checked whenever it is set."""
+    """``Authorization: Bearer`` token of ``/api/*`` (and the console, the inspector),
+    checked whenever it is set."""
+    admin_user: str = ""
+    """The web console's login (with ``admin_password``)."""
+    admin_password: str = ""
+    """The web console's password; with neither it nor ``api_token`` set, the console,
+    ``/api/*`` and the inspector answer loopback clients only (``softpbx check`` warns)."""
 
 
 CRM_EVENTS: tuple[str, ...] = ("NOTIFY_START", "NOTIFY_INTERNAL", "NOTIFY_END",

@@ -1,5 +1,6 @@
-"""The HTTP side of softpbx (aiohttp): status API now; recordings, click-to-call and the web
-console join it as the switch grows. Every error answer is JSON."""
+"""The HTTP side of softpbx (aiohttp): the JSON API, recordings, click-to-call, the CRM
+inspector and the web console (:mod:`.console`), behind :mod:`.access`. Every error answer is
+JSON."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from typing import BinaryIO, Final
 from aiohttp import hdrs, web
 
 from ..core.switch import Switch
-from . import click_to_call
+from . import click_to_call, console
+from .access import Access
 from .inspector import CrmInspector
 from .webhooks import WebhookOutbox, add_routes
 
@@ -43,30 +45,20 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 async def status(request: web.Request) -> web.Response:
-    """``GET /api/status``: counts an operator or a test looks at."""
+    """``GET /api/status``: counts an operator or a test looks at (with the console: version,
+    uptime, listeners and store size too)."""
     sw = request.app[SWITCH_KEY]
-    relay = sw.relay
-    return web.json_response({
-        "extensions": len(sw.extensions),
-        "registrations": sw.registrar.binding_count,
-        "transactions": sw.stack.transaction_count,
-        "calls": len(sw.calls),
-        "dialogs": sw.dialog_count,
-        "media_sessions": getattr(relay, "session_count", 0),
-        "rtp_ports": getattr(relay, "ports_in_use", 0),
-        "gateways": {name: {"state": reg.state.value, "last_status": reg.last_status}
-                     for name, reg in sw.gateway_registrations.items()},
-    })
+    out = console.status_counts(sw)
+    sources = request.app.get(console.CONSOLE_KEY)
+    if sources is not None:
+        out.update(console.status_extra(sources))
+    return web.json_response(out)
 
 
 async def calls(request: web.Request) -> web.Response:
     """``GET /api/calls``: calls in progress."""
-    sw = request.app[SWITCH_KEY]
-    now = request.app[CLOCK_KEY]()
-    out = [{"id": c.id, "state": c.state.value, "direction": c.route.direction.value,
-            "caller": c.caller_number, "dialled": c.route.dialled,
-            "age": round(now - c.created_at, 1)} for c in sw.calls.values()]
-    return web.json_response({"calls": out})
+    rows = console.call_rows(request.app[SWITCH_KEY], request.app[CLOCK_KEY]())
+    return web.json_response({"calls": rows})
 
 
 async def cdrs(request: web.Request) -> web.Response:
@@ -85,14 +77,8 @@ async def cdrs(request: web.Request) -> web.Response:
 
 async def registrations(request: web.Request) -> web.Response:
     """``GET /api/registrations``: current bindings per extension."""
-    sw = request.app[SWITCH_KEY]
-    now = request.app[CLOCK_KEY]()
-    out = []
-    for ext in sorted(sw.extensions):
-        for b in sw.registrar.lookup(ext, now):
-            out.append({"extension": ext, "contact": b.contact, "expires_in": b.expires_in(now),
-                        "source": str(b.flow), "user_agent": b.user_agent})
-    return web.json_response({"registrations": out})
+    rows = console.registration_rows(request.app[SWITCH_KEY], request.app[CLOCK_KEY]())
+    return web.json_response({"registrations": rows})
 
 
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{16,64}\Z")
@@ -199,6 +185,38 @@ async def recording(request: web.Request) -> web.StreamResponse:
         await loop.run_in_executor(None, f.close)
 
 
+def _open_by_call(lookup: Callable[[str], tuple[str, str] | None], call_id: str
+                  ) -> tuple[str, BinaryIO | None, os.stat_result | None] | None:
+    """Executor job: :func:`_open_recording` for the authenticated path by call id."""
+    row = lookup(call_id)
+    if row is None:
+        return None
+    return _open_recording(lambda _: (row[0], row[1], call_id), call_id)
+
+
+async def recording_by_call(request: web.Request) -> web.StreamResponse:
+    """``GET``/``HEAD /api/recordings/<call_id>.mp3``: a call's recording behind the API's
+    login (the console's player); the public ``/rec/<token>.mp3`` link stays as it is."""
+    call_id = request.match_info["call_id"]
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,100}", call_id):
+        raise web.HTTPNotFound(reason="no such recording")
+    loop = asyncio.get_running_loop()
+    found = await loop.run_in_executor(None, _open_by_call,
+                                       request.app[console.CONSOLE_KEY].recording_path, call_id)
+    if found is None:
+        raise web.HTTPNotFound(reason="no such recording")
+    state, f, st = found
+    if state == "deleted":
+        raise web.HTTPGone(reason="recording deleted by the retention policy")
+    if f is None or st is None:
+        raise web.HTTPNotFound(reason="no such recording (not ready)")
+    try:
+        resp = await _send(request, f, st)
+    finally:
+        await loop.run_in_executor(None, f.close)
+    return resp
+
+
 async def _send(request: web.Request, f: BinaryIO, st: os.stat_result) -> web.StreamResponse:
     size = st.st_size
     etag = f'"{st.st_mtime_ns:x}-{size:x}"'
@@ -241,11 +259,17 @@ def make_app(*, switch: Switch, clock: Callable[[], float],
              recording_lookup: Callable[[str], tuple[str, str, str] | None],
              originate: click_to_call.Originate | None = None,
              outbox: WebhookOutbox | None = None,
-             inspector: CrmInspector | None = None) -> web.Application:
+             inspector: CrmInspector | None = None,
+             console_sources: console.ConsoleSources | None = None) -> web.Application:
     """The aiohttp application; ``originate`` places click-to-call and ``POST /api/calls``
     calls (see :mod:`softpbx.http.click_to_call`); ``outbox`` serves ``/api/webhooks``;
-    ``inspector`` is the built-in CRM under ``/crm/`` (``crm.webhook_url`` empty)."""
+    ``inspector`` is the built-in CRM under ``/crm/`` (``crm.webhook_url`` empty);
+    ``console_sources`` adds the web console (:mod:`softpbx.http.console`)."""
     app = web.Application(middlewares=[json_errors], client_max_size=64 * 1024)
+    if switch is not None:
+        access = Access(config=switch.config, failures=switch.failures, clock=clock)
+        app.middlewares.append(access.middleware)
+        app.add_routes(access.routes())
     app[SWITCH_KEY] = switch
     app[CLOCK_KEY] = clock
     app[CDR_KEY] = cdr_fetch
@@ -254,7 +278,11 @@ def make_app(*, switch: Switch, clock: Callable[[], float],
     app.router.add_get("/api/status", status)
     app.router.add_get("/api/registrations", registrations)
     app.router.add_get("/api/calls", calls)
-    app.router.add_get("/api/cdr", cdrs)
+    if console_sources is not None:
+        console.install(app, switch=switch, clock=clock, sources=console_sources)
+        app.router.add_get("/api/recordings/{call_id}.mp3", recording_by_call)
+    else:
+        app.router.add_get("/api/cdr", cdrs)
     click_to_call.install(app, switch=switch, clock=clock, originate=originate)
     if outbox is not None:
         add_routes(app, outbox)

@@ -1,7 +1,7 @@
-"""Click-to-call over HTTP (``crm-telephony-api.md`` §5) and the ``/api/*`` bearer auth.
+"""Click-to-call over HTTP (``crm-telephony-api.md`` §5).
 
 Two doors, one code path: ``POST <crm.click_to_call_path>`` (the CRM, ``x-pbx-authentication``
-token) and ``POST /api/calls`` (the console, behind the API's bearer token) both end in
+token) and ``POST /api/calls`` (the console, behind the API's auth, :mod:`softpbx.http.access`) both end in
 :meth:`ClickToCallEndpoint.place`, which validates with :mod:`softpbx.crm.click_to_call`,
 applies the per-extension repeat limit and calls the switch's origination.
 
@@ -59,7 +59,7 @@ class Originate(Protocol):
         ...
 
 
-def _peer(request: web.Request) -> tuple[str, int]:
+def peer_address(request: web.Request) -> tuple[str, int]:
     """The client's address and port as the log line wants them (``?``/0 once it is gone)."""
     peer = request.transport.get_extra_info("peername") if request.transport else None
     if isinstance(peer, tuple) and len(peer) >= 2:
@@ -76,9 +76,22 @@ def is_loopback(ip: str) -> bool:
 
 
 def api_auth_required(config: Config) -> bool:
-    """Whether ``/api/*`` asks for ``Authorization: Bearer <http.api_token>``: whenever the
-    HTTP server listens beyond loopback, and whenever a token is configured at all."""
-    return bool(config.http.api_token) or not is_loopback(config.http.http_ip)
+    """Whether ``/api/*`` asks every client for a credential (a bearer ``http.api_token`` or
+    the console's login): whenever one is configured; without any, the API answers loopback
+    clients only (:mod:`softpbx.http.access`)."""
+    http = config.http
+    return bool(http.api_token) or bool(http.admin_user and http.admin_password)
+
+
+def auth_failure(config: Config, failures: FailureTracker, ip: str, port: int, method: str,
+                 now: float) -> None:
+    """The fail2ban line of ``Switch.authenticate`` and a strike towards the IP's ban."""
+    auth_log.warning(
+        'softpbx auth failure: ip=%s port=%d transport=http method=%s user="" reason=%s',
+        ip, port, method, "bad_token")
+    if failures.record_failure(ip, now):
+        auth_log.warning("softpbx auth ban: ip=%s for %ds after %d failures", ip,
+                         config.auth.ban_time, config.auth.max_failures)
 
 
 async def read_fields(request: web.Request) -> dict[str, object] | Refusal:
@@ -188,7 +201,7 @@ class ClickToCallEndpoint:
             # Never open: without a token anybody reaching the port could make calls.
             return self._refused(403, "click-to-call is disabled on this PBX "
                                       "(crm.click_to_call_token is not set)")
-        ip, port = _peer(request)
+        ip, port = peer_address(request)
         now = self.clock()
         # A banned source gets the bad-token answer without a check (no oracle while banned).
         banned = self.failures.is_banned(ip, now)
@@ -202,62 +215,19 @@ class ClickToCallEndpoint:
         return self.place(fields)
 
     def _auth_failure(self, ip: str, port: int, method: str, now: float) -> None:
-        """The fail2ban line of ``Switch.authenticate`` and a strike towards the IP's ban."""
-        auth_log.warning(
-            'softpbx auth failure: ip=%s port=%d transport=http method=%s user="" reason=%s',
-            ip, port, method, "bad_token")
-        if self.failures.record_failure(ip, now):
-            auth_log.warning("softpbx auth ban: ip=%s for %ds after %d failures", ip,
-                             self.config.auth.ban_time, self.config.auth.max_failures)
+        auth_failure(self.config, self.failures, ip, port, method, now)
 
     # ------------------------------------------------------------------ the console's door
 
     async def api_request(self, request: web.Request) -> web.Response:
         """``POST /api/calls`` (JSON ``{"from","to"[,"name"]}``): the same origination, behind
-        the API's own auth (:meth:`api_auth`), with the fitting HTTP status always."""
+        the API's own auth (:mod:`softpbx.http.access`), with the fitting HTTP status always."""
         fields = await read_fields(request)
         if isinstance(fields, Refusal):
             status, body = self._refused(fields.status, fields.error)
         else:
             status, body = self.place(fields)
         return web.json_response(body, status=status, dumps=_dumps)
-
-    @web.middleware
-    async def api_auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """``/api/*`` needs ``Authorization: Bearer <http.api_token>`` (RFC 6750 §2.1) when
-        :func:`api_auth_required`; recording links and click-to-call keep their own rules."""
-        if not self._is_api(request) or not api_auth_required(self.config):
-            return await handler(request)
-        expected = self.config.http.api_token
-        if not expected:
-            # Only a Config built in code gets here (the loader refuses it): fail closed.
-            return web.json_response(
-                {"error": "the API is closed: http.api_token is not set and http_ip is not a "
-                          "loopback address", "status": 403}, status=403)
-        ip, port = _peer(request)
-        now = self.clock()
-        banned = self.failures.is_banned(ip, now)
-        scheme, _, given = request.headers.get(hdrs.AUTHORIZATION, "").strip().partition(" ")
-        # RFC 9110 §11.1: the auth scheme is case-insensitive.
-        if banned or scheme.lower() != "bearer" or not token_matches(given.strip(), expected):
-            if not banned:
-                self._auth_failure(ip, port, "api", now)
-            # RFC 6750 §3: a 401 names the scheme the client has to use.
-            return web.json_response(
-                {"error": "bad or missing bearer token (Authorization: Bearer <http.api_token>)",
-                 "status": 401}, status=401,
-                headers={hdrs.WWW_AUTHENTICATE: 'Bearer realm="softpbx"'})
-        return await handler(request)
-
-    @staticmethod
-    def _is_api(request: web.Request) -> bool:
-        # Both the decoded path and the matched route: "/%61pi/status" is "/api/status".
-        path = request.path
-        if path in ("/api", "/metrics") or path.startswith("/api/"):
-            return True
-        resource = request.match_info.route.resource
-        canonical = resource.canonical if resource is not None else ""
-        return canonical in ("/api", "/metrics") or canonical.startswith("/api/")
 
 
 CLICK_TO_CALL_KEY: web.AppKey[ClickToCallEndpoint] = web.AppKey("click_to_call",
@@ -266,13 +236,13 @@ CLICK_TO_CALL_KEY: web.AppKey[ClickToCallEndpoint] = web.AppKey("click_to_call",
 
 def install(app: web.Application, *, switch: Switch | None, clock: Callable[[], float],
             originate: Originate | None) -> None:
-    """Add the click-to-call route, ``POST /api/calls`` and the ``/api/*`` auth to ``app``."""
+    """Add the click-to-call route and ``POST /api/calls`` to ``app`` (the ``/api/*`` auth is
+    :mod:`softpbx.http.access`'s)."""
     if switch is None:
         return  # the recording-link tests build an app without a switch, hence without calls
     endpoint = ClickToCallEndpoint(config=switch.config, failures=switch.failures, clock=clock,
                                    originate=originate)
     app[CLICK_TO_CALL_KEY] = endpoint
-    app.middlewares.append(endpoint.api_auth)
     # Every method: a GET from a browser gets the endpoint's own JSON 405, not aiohttp's.
     app.router.add_route("*", switch.config.crm.click_to_call_path, endpoint.crm_request)
     app.router.add_post("/api/calls", endpoint.api_request)

@@ -208,8 +208,9 @@ def test_old_token_key_is_an_alias(profiles: Path) -> None:
 
 
 @pytest.mark.parametrize(("override", "key", "word"), [
-    ("http.http_ip=0.0.0.0", "http.api_token", "loopback"),
-    ("http.http_ip=192.0.2.10", "http.api_token", "loopback"),
+    ("http.admin_user=admin", "http.admin_password", "both"),
+    ("http.admin_password=pw", "http.admin_user", "both"),
+    ("http.admin_password=has space", "http.admin_password", "visible ASCII"),
     ("http.api_token=has space", "http.api_token", "visible ASCII"),
     ("crm.click_to_call_token=tok\u00e9n", "crm.click_to_call_token", "visible ASCII"),
     ("crm.click_to_call_path=click", "crm.click_to_call_path", "start with /"),
@@ -233,12 +234,18 @@ def test_non_loopback_http_with_a_token_loads_and_describe_says_which() -> None:
                                "crm.click_to_call_token=t", "crm.click_to_call_path=/crm-c2c"])
     assert cfg.http.api_token == "k3y"
     text = describe(cfg)
-    assert "API auth: bearer token required (http_ip 0.0.0.0 is not loopback)" in text
+    assert "API auth: bearer token (http.api_token) required for the console" in text
     assert "click-to-call on (POST /crm-c2c)" in text
     loop = describe(load_config(SAMPLE))
-    assert "API auth: none (HTTP on loopback only" in loop and "click-to-call off" in loop
-    assert "API auth: bearer token required (http.api_token is set)" in describe(
+    assert "API auth: none (the console, /api/* and /crm/ answer loopback clients only" in loop
+    assert "click-to-call off" in loop
+    assert "API auth: bearer token (http.api_token) required" in describe(
         load_config(SAMPLE, ["http.api_token=k3y"]))
+    # No credential beyond loopback loads (the console answers loopback clients) with a warning.
+    open_cfg = load_config(SAMPLE, ["http.http_ip=0.0.0.0"])
+    assert "API auth: WARNING: no http.admin_password or http.api_token" in describe(open_cfg)
+    assert "console login (http.admin_user) or bearer token" in describe(load_config(
+        SAMPLE, ["http.admin_user=a", "http.admin_password=b", "http.api_token=k3y"]))
     # The HTTP server off: no API to open, nothing to refuse.
     off = dataclasses.replace(cfg, http=dataclasses.replace(cfg.http, http_port=0))
     assert "API auth: none (HTTP disabled)" in describe(off)

@@ -386,6 +386,7 @@ def test_error_codes_false_answers_every_refusal_with_200() -> None:
 async def api(client: Client, path: str = "/api/status", method: str = "GET",
               auth: str | None = None, **kw: Any) -> tuple[int, dict[str, Any], str]:
     headers = {"Authorization": auth} if auth is not None else {}
+    headers.update(kw.pop("headers", {}))
     async with client.request(method, path, headers=headers, **kw) as r:
         return r.status, json.loads(await r.text()), r.headers.get("WWW-Authenticate", "")
 
@@ -444,11 +445,17 @@ def test_bad_bearer_tokens_feed_the_ban() -> None:
     assert rig.switch.failures.is_banned("127.0.0.1", rig.now)
 
 
-def test_a_config_object_with_an_open_non_loopback_api_fails_closed() -> None:
-    # The loader refuses this config; one built in code must not open the API either.
+def test_without_credentials_a_non_loopback_api_answers_loopback_only() -> None:
+    # No api_token and no console login: /api/* answers loopback clients on a loopback Host
+    # only (a rebound DNS name pointing at 127.0.0.1 is refused too).
     rig = Rig(config(http_ip="0.0.0.0", api_token=""))
-    status, body, _ = rig.run(lambda c: api(c, auth="Bearer "))
-    assert status == 403 and "api_token is not set" in body["error"]
+
+    async def scenario(c: Client) -> list[tuple[int, dict[str, Any], str]]:
+        return [await api(c), await api(c, headers={"Host": "evil.example:8080"})]
+
+    local, rebound = rig.run(scenario)
+    assert local[0] == 200
+    assert rebound[0] == 403 and "loopback clients only" in rebound[1]["error"]
 
 
 def test_a_token_on_loopback_is_checked_too() -> None:
