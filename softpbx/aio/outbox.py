@@ -49,6 +49,8 @@ KEEP_DELIVERED_S = 7 * 86400.0
 KEEP_SETTLED_S = 30 * 86400.0
 """Failed and given-up events stay this long (an operator may re-queue them meanwhile)."""
 PURGE_EVERY_S = 3600.0
+DIRECT_INSERT_MAX = 32
+"""Events of one tick committed on the loop thread at most (more go to the writer thread)."""
 
 
 class Sender(Protocol):
@@ -214,7 +216,9 @@ class Outbox:
         if self._inserts:
             batch, self._inserts = self._inserts, []
             rows = None
-            if not self._queued_inserts:
+            # A big batch (a burst of hang-ups at shutdown) goes to the writer thread: the
+            # loop is not held for more than a few tens of microseconds.
+            if not self._queued_inserts and len(batch) <= DIRECT_INSERT_MAX:
                 try:
                     rows = self.db.insert_now(batch, at=self.clock())
                 except Exception:  # a bug: logged; the batch still goes through the writer

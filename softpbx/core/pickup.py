@@ -60,6 +60,8 @@ def pick(sw: Switch, picker: str, dialled: str, tx: ServerTransaction, flow: Flo
     call, rung = found
     leg = InboundLeg(host=sw, call=call, tx=tx, flow=flow)
     leg.extension = picker
+    call.leg_count += 1
+    leg.label = f"b{call.leg_count}"  # it stands for a callee (logs, the CDR's cause)
     neg = call.neg
     assert neg is not None and neg.sdp_a is not None
     try:

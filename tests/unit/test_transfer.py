@@ -10,7 +10,7 @@ from softpbx.sip.message import Request, Response
 from softpbx.sip.sdp import media_address, parse_sdp
 
 from .sipkit import challenge_params, crlf, digest
-from .test_calls import ALICE, BOB, CARRIER, Net, answer, invite, make_net, sdp
+from .test_calls import ALICE, BOB, CARRIER, Net, ack_for, answer, invite, make_net, place_call, sdp
 from .test_crm_events import CLIENT, DID, bye_from_carrier, from_carrier, names
 
 CAROL = ("127.0.0.1", 5064)  # extension 103's phone
@@ -452,3 +452,62 @@ def test_directed_pickup_and_nothing_to_pick_up() -> None:
     assert [e for e, _ in net.events()][-1] == "NOTIFY_INTERNAL"
     assert net.events()[-1][1]["internal"] == "103"
     assert net.events()[-1][1]["called_did"] == DID
+
+
+def test_outbound_call_transferred_by_the_caller_names_the_last_employee() -> None:
+    """101 dialled a client out through the carrier and transfers the client to 102 (the
+    transferor is the caller's leg): 102 is offered the client's SDP at side A, and the
+    NOTIFY_OUT_END names 102 with the whole talk time."""
+    net = make_net()
+    place_call(net, "89991234567")
+    ok_101 = [m for m in net.take(ALICE) if isinstance(m, Response) and m.status >= 200]
+    assert ok_101 == []
+    (out,) = requests(net.take(CARRIER), "INVITE")
+    net.feed(answer(out, 200, body=sdp(50000), contact="<sip:x@127.0.0.1:5070>"), CARRIER)
+    net.take(CARRIER)
+    (ok_a,) = [m for m in net.take(ALICE) if isinstance(m, Response) and m.status == 200]
+    net.feed(ack_for(ok_a, "89991234567", branch="z9hG4bKack2"), ALICE)
+    net.advance(2.0)
+
+    def refer_from_caller(cseq: int, auth: str = "") -> bytes:
+        auth_line = f"Authorization: {auth}\n" if auth else ""
+        return crlf(f"""REFER sip:softpbx@127.0.0.1:5060 SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.1:5061;branch=z9hG4bKcref{cseq};rport
+From: "Caller" <sip:101@127.0.0.1>;tag=caller-tag
+To: {ok_a.get('to')}
+Call-ID: {ok_a.call_id}
+CSeq: {cseq} REFER
+Contact: <sip:101@127.0.0.1:5061>
+Refer-To: <sip:102@127.0.0.1>
+Max-Forwards: 70
+{auth_line}Content-Length: 0
+
+""")
+
+    net.feed(refer_from_caller(3), ALICE)
+    (r401,) = [m for m in net.take(ALICE) if isinstance(m, Response)]
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    auth = digest(user="101", password="secret101", realm=p["realm"], nonce=p["nonce"],
+                  method="REFER", uri="sip:softpbx@127.0.0.1:5060")
+    net.feed(refer_from_caller(4, auth), ALICE)
+    msgs = net.take(ALICE)
+    assert statuses(msgs) == [202]
+    (to_102,) = requests(net.take(BOB), "INVITE")
+    assert to_102.from_.uri.user == "89991234567"  # the client, as 102 sees it
+    (session,) = net.relay.sessions
+    assert media_address(parse_sdp(to_102.body)) == ("127.0.0.1", session.a.rtp_port)
+    net.feed(answer(to_102, 200, body=sdp(50002)), BOB)
+    assert session.a.rtp.sdp == ("127.0.0.1", 50002)
+    (bye,) = requests(net.take(ALICE), "BYE")
+    assert requests(net.take(CARRIER), "INVITE") == []  # same codecs: no re-INVITE
+    net.advance(3.0)
+    (call,) = net.sw.calls.values()
+    assert call.caller_extension == "102"
+    call.hang_up(net.clock.now)
+    net.collect()
+    assert names(net) == ["NOTIFY_OUT_START", "NOTIFY_OUT_END"]
+    end = net.events()[1][1]
+    assert (end["internal"], end["duration"], end["disposition"]) == ("102", "5", "answered")
+    (cdr,) = net.cdrs
+    assert cdr.caller_extension == "102" and cdr.pbx_call_id == end["pbx_call_id"]
+    assert json.loads(cdr.transfers)[1] == {"at": 2, "event": "blind", "by": "101", "to": "102"}
