@@ -8,7 +8,8 @@ number obeys the outbound rules of a dialled call, so a transfer is no way round
 accepted REFER gets ``202`` and the implicit subscription's NOTIFYs (RFC 3515 §2.4.4:
 ``message/sipfrag`` with the target's status line, ``Event: refer;id=<CSeq>``, the last one
 ``Subscription-State: terminated``), unless the phone asked for none (RFC 4488
-``Refer-Sub: false``). The call side is :mod:`.transfer`.
+``Refer-Sub: false``). The call side is :mod:`.transfer` (blind) and :mod:`.attended`
+(``Refer-To`` with ``Replaces``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..sip.events import Flow
 from ..sip.headers import parse_name_addr
 from ..sip.message import REASONS, Request
 from ..sip.transaction import ServerTransaction
+from .attended import join, parse_replaces
 from .call import Call, CallState
 from .leg import Leg
 from .routing import NoRoute
@@ -65,9 +67,8 @@ def on_refer(sw: Switch, leg: Leg, req: Request, tx: ServerTransaction, flow: Fl
     except ParseError as exc:
         reply(tx, 400, f"Bad Refer-To: {exc.reason}"[:80], now=now)
         return
-    if uri.headers:  # ?Replaces=...: an attended transfer (RFC 3891), not supported yet
-        log.info("call %s: attended transfer (Refer-To with headers) refused", call.id)
-        reply(tx, 501, now=now)
+    if uri.headers:  # ?Replaces=...: an attended transfer (RFC 5589 §7, RFC 3891)
+        _attended(sw, call, leg, extension, uri.headers, req, tx, now)
         return
     target = uri.unescaped_user if uri.is_sip else ""
     if not target:
@@ -94,6 +95,45 @@ def on_refer(sw: Switch, leg: Leg, req: Request, tx: ServerTransaction, flow: Fl
     reply(tx, 202, now=now, headers=headers)
     call.transfer = xfer
     xfer.begin(now)
+
+
+def _attended(sw: Switch, call: Call, leg: Leg, extension: str, uri_headers: str,
+              req: Request, tx: ServerTransaction, now: float) -> None:
+    """A REFER whose Refer-To names, with Replaces, another dialog of the same phone."""
+    reply = sw.stack.reply
+    replaces = parse_replaces(uri_headers)
+    if replaces is None:
+        reply(tx, 400, "Bad Refer-To: only a Replaces header is understood", now=now)
+        return
+    other = find_dialog_leg(sw, *replaces)
+    other_call = other.call if other is not None else None
+    if (other is None or not isinstance(other_call, Call) or other_call is call
+            or other.ended):
+        log.info("call %s: attended transfer names no dialog of ours: %s", call.id, replaces)
+        reply(tx, 481, now=now)
+        return
+    if party_extension(other_call, other) != extension:
+        # Only the transferor's own calls are joined (RFC 5589 §7.1: the dialogs are its).
+        log.warning("call %s: %s named a dialog of another party: refused", call.id, extension)
+        reply(tx, 403, now=now)
+        return
+    if (call.state is not CallState.ANSWERED or other_call.state is not CallState.ANSWERED
+            or call.transfer is not None or other_call.transfer is not None):
+        reply(tx, 491, now=now)
+        return
+    reply(tx, 202, now=now, headers=[("Contact", sw.contact_for(leg.flow))])
+    quiet = (req.get("refer-sub") or "").strip().lower() == "false"
+    progress = _progress(leg, req.cseq.number, quiet)
+    progress(100, False, now)
+    join((call, leg), (other_call, other), by=extension, progress=progress, now=now)
+
+
+def find_dialog_leg(sw: Switch, call_id: str, to_tag: str, from_tag: str) -> Leg | None:
+    """The leg of the dialog a Replaces names (RFC 3891 §3: its to-tag is the local tag of
+    the dialog at the UA receiving it, here softpbx; both orders are tried, as phones
+    differ)."""
+    dialogs = sw._dialogs  # the switch's dialog table: (call-id, local tag, remote tag)
+    return dialogs.get((call_id, to_tag, from_tag)) or dialogs.get((call_id, from_tag, to_tag))
 
 
 def _progress(leg: Leg, refer_cseq: int, quiet: bool) -> Progress:

@@ -53,6 +53,14 @@ def log_event(call: Call, now: float, event: str, **fields: str | int) -> None:
     call.transfers.append({"at": round(now - call.created_at), "event": event, **fields})
 
 
+def start_chain(call: Call) -> None:
+    """Open the chain of a call's first transfer with who answered it, and when."""
+    if not call.transfers and call.answered_at is not None:
+        first = call.answered.extension if call.answered else ""
+        call.transfers.append({"at": round(call.answered_at - call.created_at),
+                               "event": "answered", "by": first or "-"})
+
+
 def chain_text(call: Call) -> str:
     """The CDR's ``transfers``: the chain as JSON, "" for a call without transfer or pickup."""
     return json.dumps(call.transfers, separators=(",", ":")) if call.transfers else ""
@@ -101,10 +109,7 @@ class BlindTransfer:
     def begin(self, now: float) -> None:
         """The REFER was accepted (202): ``100 Trying`` to the transferor, ring the target."""
         call = self.call
-        if not call.transfers and call.answered_at is not None:
-            first = call.answered.extension if call.answered else ""
-            call.transfers.append({"at": round(call.answered_at - call.created_at),
-                                   "event": "answered", "by": first or "-"})
+        start_chain(call)
         log_event(call, now, "blind", by=self.by, to=self.target)
         log.info("call %s: %s transfers the call to %s", call.id, self.by, self.target)
         self.progress(100, False, now)

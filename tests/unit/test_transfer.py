@@ -50,7 +50,9 @@ Content-Length: 0
 
 def refer(dialog_inv: Request, target: str, *, cseq: int, auth: str = "",
           frm: str = "101", src: tuple[str, int] = ALICE, extra: str = "") -> bytes:
-    """A REFER from the phone we sent ``dialog_inv`` to (it is the UAS of that dialog)."""
+    """A REFER from the phone we sent ``dialog_inv`` to (it is the UAS of that dialog);
+    ``target`` may carry URI headers (``102?Replaces=...``)."""
+    user, _, hdrs = target.partition("?")
     lines = [
         "REFER sip:softpbx@127.0.0.1:5060 SIP/2.0",
         f"Via: SIP/2.0/UDP {src[0]}:{src[1]};branch=z9hG4bKref{cseq};rport",
@@ -59,7 +61,7 @@ def refer(dialog_inv: Request, target: str, *, cseq: int, auth: str = "",
         f"Call-ID: {dialog_inv.call_id}",
         f"CSeq: {cseq} REFER",
         f"Contact: <sip:{frm}@{src[0]}:{src[1]}>",
-        f"Refer-To: <sip:{target}@127.0.0.1>",
+        f"Refer-To: <sip:{user}@127.0.0.1{'?' if hdrs else ''}{hdrs}>",
         "Max-Forwards: 70",
     ]
     if auth:
@@ -511,3 +513,77 @@ Max-Forwards: 70
     (cdr,) = net.cdrs
     assert cdr.caller_extension == "102" and cdr.pbx_call_id == end["pbx_call_id"]
     assert json.loads(cdr.transfers)[1] == {"at": 2, "event": "blind", "by": "101", "to": "102"}
+
+
+# -- attended transfer ------------------------------------------------------------------------
+def test_attended_transfer_joins_the_client_and_102_and_ends_both_of_101s_legs() -> None:
+    """101 talks to the client (call 1), calls 102 (call 2), then REFERs call 1 with
+    Replaces naming call 2: the client and 102 are joined in call 1 (its relay, its
+    pbx_call_id), 102 is re-INVITEd to call 1's relay side, 101 gets BYE on both dialogs."""
+    net = make_net()
+    to_101, ok = inbound_answered_by_101(net)
+    net.advance(3.0)
+    place_call(net, "102")
+    net.take(ALICE)
+    (b_inv,) = requests(net.take(BOB), "INVITE")
+    net.feed(answer(b_inv, 200, body=sdp(50002)), BOB)
+    net.take(BOB)
+    (ok2,) = [m for m in net.take(ALICE) if isinstance(m, Response) and m.status == 200]
+    net.feed(ack_for(ok2, "102", branch="z9hG4bKack2"), ALICE)
+    assert len(net.relay.sessions) == 2
+    call1 = next(c for c in net.sw.calls.values() if c.id.startswith("in_"))
+    net.advance(2.0)
+    replaces = f"call-1%3Bto-tag%3D{ok2.to.tag}%3Bfrom-tag%3Dcaller-tag"
+    net.feed(refer(to_101, f"102?Replaces={replaces}", cseq=1), ALICE)
+    (r401,) = [m for m in net.take(ALICE) if isinstance(m, Response)]
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    auth = digest(user="101", password="secret101", realm=p["realm"], nonce=p["nonce"],
+                  method="REFER", uri="sip:softpbx@127.0.0.1:5060")
+    net.feed(refer(to_101, f"102?Replaces={replaces}", cseq=2, auth=auth), ALICE)
+    to_alice = net.take(ALICE)
+    assert statuses(to_alice) == [202]
+    assert sipfrags(to_alice, net) == [("SIP/2.0 100 Trying", "active"),
+                                       ("SIP/2.0 200 OK", "terminated")]
+    byes = requests(to_alice, "BYE")
+    assert sorted(b.call_id for b in byes) == sorted([to_101.call_id, "call-1"])
+    for b in byes:
+        net.feed(ok_to(b), ALICE)
+    # 102 is moved to call 1's relay side B (same codecs as 101: the client is left alone)
+    (reinv,) = requests(net.take(BOB), "INVITE")
+    assert reinv.call_id == b_inv.call_id
+    (session,) = net.relay.sessions
+    assert session is call1.media
+    assert media_address(parse_sdp(reinv.body)) == ("127.0.0.1", session.b.rtp_port)
+    assert session.b.rtp.sdp == ("127.0.0.1", 50002)
+    assert requests(net.take(CARRIER), "INVITE") == []
+    net.feed(Response(200, None, [(n, v) for n, v in reinv.headers
+                                  if n in ("Via", "From", "To", "Call-ID", "CSeq")]
+                      + [("Contact", "<sip:102@127.0.0.1:5062>"),
+                         ("Content-Type", "application/sdp")], sdp(50002)).serialize(), BOB)
+    assert requests(net.take(BOB), "ACK")
+    assert call1.answered.extension == "102" and call1.transfer is None
+    # the consultation call ended with its own CDR
+    (cdr2,) = net.cdrs
+    assert cdr2.direction == "internal" and cdr2.cause.startswith("joined to in_")
+    net.advance(4.0)
+    bye_from_carrier(net, ok)
+    (bye,) = requests(net.take(BOB), "BYE")
+    net.feed(answer(bye, 200), BOB)
+    cdr1 = net.cdrs[1]
+    assert (cdr1.extension, cdr1.duration, cdr1.disposition) == ("102", 9, "answered")
+    chain = json.loads(cdr1.transfers)
+    assert [e["event"] for e in chain] == ["answered", "attended"]
+    assert chain[0]["by"] == "101" and chain[1] == {"at": 5, "event": "attended", "by": "101",
+                                                    "to": "102"}
+    assert names(net) == ["NOTIFY_START", "NOTIFY_INTERNAL", "NOTIFY_INTERNAL", "NOTIFY_END"]
+    assert [f.get("internal") for _, f in net.events()] == [None, "101", "102", "102"]
+    net.assert_no_leaks()
+
+
+def test_attended_transfer_naming_an_unknown_dialog_is_481() -> None:
+    net = make_net()
+    to_101, _ok = inbound_answered_by_101(net)
+    resp = send_refer(net, to_101, "102?Replaces=nope%3Bto-tag%3Da%3Bfrom-tag%3Db")
+    assert resp.status == 481
+    (call,) = net.sw.calls.values()
+    assert call.answered.extension == "101"
