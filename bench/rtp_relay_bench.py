@@ -15,6 +15,9 @@ the same ``datagram_received``. It prints ``ready <pid>`` once bound.
 The default command runs ``rtp_step.py --modes uvloop,c`` (the Python and C anchors) and then
 ``--modes external`` against a ``serve`` process pinned to ``$SUT_CPU``, for each stream
 count, and prints relay CPU per packet for each and softpbx's ratio to them. It needs
+``--metrics`` runs softpbx a second time per stream count with the metrics collector reading
+the relay (``softpbx.aio.metrics.SoftpbxCollector``, the ``/metrics`` families) and the text
+exposition generated every second, as a scrape would: the same run shows both figures. It needs
 ``$BENCH_TMP/rtpload`` (``/work/shared/bench/setup.sh``, or just
 ``gcc -O2 -o $BENCH_TMP/rtpload /work/shared/bench/rtp/rtpload.c``). Bounded: every step lasts
 ``gen_s`` + a few seconds; ``serve`` exits by itself after ``--duration``.
@@ -69,6 +72,7 @@ async def _serve(a: argparse.Namespace) -> dict[str, object]:
         sessions.append(s)
     for s in sessions:
         await relay.wait_ready(s)
+    scraper = loop.create_task(_scrape_every_second(relay, loop)) if a.metrics else None
     print(f"ready {os.getpid()}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -78,8 +82,39 @@ async def _serve(a: argparse.Namespace) -> dict[str, object]:
         await asyncio.wait_for(stop.wait(), a.duration)
     forwarded = sum(s.a.rtp.packets_in + s.b.rtp.packets_in for s in sessions)
     cpu = time.process_time() - t0
+    scrapes = 0
+    if scraper is not None:
+        scraper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            scrapes = await scraper
     await relay.aclose()
-    return {"streams": a.streams, "forwarded": forwarded, "cpu_s": round(cpu, 2)}
+    return {"streams": a.streams, "forwarded": forwarded, "cpu_s": round(cpu, 2),
+            "scrapes": scrapes}
+
+
+async def _scrape_every_second(relay: object, loop: asyncio.AbstractEventLoop) -> int:
+    """The relay's /metrics families generated as text every second (what a scrape costs)."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import generate_latest
+
+    from softpbx.aio.metrics import SoftpbxCollector
+
+    collector = SoftpbxCollector(switch=None, clock=loop.time, relay=relay)  # type: ignore[arg-type]
+
+    class RelayFamilies:
+        def collect(self):  # type: ignore[no-untyped-def]
+            return collector._media()
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RelayFamilies())  # type: ignore[arg-type]
+    n = 0
+    try:
+        while True:
+            await asyncio.sleep(1.0)
+            assert b"softpbx_rtp_packets_relayed_total" in generate_latest(registry)
+            n += 1
+    except asyncio.CancelledError:
+        return n
 
 
 def serve(a: argparse.Namespace) -> None:
@@ -120,12 +155,13 @@ def compare(a: argparse.Namespace) -> None:
     common = ["--gen-s", str(a.gen_s), "--relay-base", str(a.base), "--keep-going"]
     rows = _step(["--modes", a.anchors, "--streams", a.streams, *common], env)
     sut_cpu = env.get("SUT_CPU", "1")
-    for n in [int(x) for x in a.streams.split(",")]:
+    variants = [("softpbx", [])] + ([("softpbx+metrics", ["--metrics"])] if a.metrics else [])
+    for n, (label, extra) in [(int(x), v) for x in a.streams.split(",") for v in variants]:
         relay = subprocess.Popen(
             [
                 "taskset", "-c", sut_cpu, sys.executable, os.path.abspath(__file__), "serve",
                 "--streams", str(n), "--base", str(a.base), "--sink", a.sink,
-                "--duration", str(a.gen_s + 30),
+                "--duration", str(a.gen_s + 30), *extra,
             ],
             stdout=subprocess.PIPE,
             text=True,
@@ -144,25 +180,28 @@ def compare(a: argparse.Namespace) -> None:
             relay.send_signal(signal.SIGTERM)
             out, _ = relay.communicate(timeout=20)
         for row in got:
-            row["mode"] = "softpbx"
+            row["mode"] = label
         rows += got
         print(out.strip(), file=sys.stderr)
         time.sleep(1)
 
     by = {(r["mode"], r["streams"]): r for r in rows}
-    modes = [*a.anchors.split(","), "softpbx"]
+    anchors = a.anchors.split(",")
+    modes = [*anchors, *(v[0] for v in variants)]
     print(f"\nRTP relay, 172-byte packets, 50 pps/stream, gen {a.gen_s}s, relay on CPU {sut_cpu}")
     print(f"{'streams':>8} {'pps':>7} " + " ".join(f"{m + ' us/pkt':>15}" for m in modes)
-          + "  " + " ".join(f"{'softpbx/' + m:>14}" for m in modes[:-1]) + "  loss% (softpbx)")  # fmt: skip
+          + "  " + " ".join(f"{'softpbx/' + m:>14}" for m in anchors) + "  loss% (softpbx)")  # fmt: skip
     for n in [int(x) for x in a.streams.split(",")]:
         us = {m: (by.get((m, n)) or {}).get("relay_cpu_us_per_pkt") for m in modes}
         ratios = [
             f"{us['softpbx'] / us[m]:>14.2f}" if us["softpbx"] and us[m] else f"{'-':>14}"
-            for m in modes[:-1]
+            for m in anchors
         ]
         loss = (by.get(("softpbx", n)) or {}).get("loss_pct")
         print(f"{n:>8} {n * 50:>7} " + " ".join(f"{v if v is not None else '-':>15}" for v in us.values())
               + "  " + " ".join(ratios) + f"  {loss}")  # fmt: skip
+        if us.get("softpbx+metrics") and us["softpbx"]:
+            print(f"{'':>16} metrics on/off: {us['softpbx+metrics'] / us['softpbx']:.3f}")
     for m in modes:
         ok = [
             n for (mode, n), r in by.items() if mode == m and r.get("loss_pct", 100) <= a.max_loss
@@ -185,6 +224,9 @@ def main() -> None:
     ap.add_argument("--max-loss", type=float, default=0.1)
     ap.add_argument("--default-buffers", action="store_true", help="serve: keep kernel buffers")
     ap.add_argument("--no-dscp", action="store_true", help="serve: do not mark packets")
+    ap.add_argument("--metrics", action="store_true",
+                    help="compare: softpbx also with the /metrics families generated every "
+                         "second; serve: do that")
     a = ap.parse_args()
     if a.command == "serve":
         a.streams = int(a.streams)
