@@ -8,6 +8,7 @@ import contextlib
 import functools
 import gc
 import ipaddress
+import json
 import logging
 import os
 import resource
@@ -18,10 +19,12 @@ import time
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from ..config.loader import resolve_path, split_host_port
-from ..config.schema import Config, Transport
+from ..config.loader import data_dir, resolve_path, split_host_port
+from ..config.schema import Config, ConfigError, Gateway, Transport
 from ..core.events import OriginateRefused
+from ..core.reconfig import ReloadResult
 from ..core.switch import Switch
 from ..crm.webhook import WebhookSender
 from ..http.app import make_app
@@ -58,6 +61,8 @@ class Server:
         self._housekeeping: asyncio.Task[None] | None = None
         self.capture: SipCapture | None = None
         self.metrics: Metrics | None = None
+        self.pid_path = os.path.join(data_dir(config), PID_FILE)
+        """Where ``softpbx reload`` finds the running process (written once it runs)."""
         self._tls_names: dict[tuple[str, int], str] = {}
         """Resolved TLS gateway address -> the host name its certificate must name."""
 
@@ -67,7 +72,7 @@ class Server:
         cfg = self.config
         db_path = resolve_path(cfg, cfg.global_.db_path)
         os.makedirs(os.path.dirname(db_path) or ".", exist_ok=True)
-        self.store = SqliteStore(path=db_path)
+        self.store = SqliteStore(path=db_path, timezone=cfg.global_.timezone)
         bindings = self.store.load_bindings(now=loop.time(), wall=time.time())
         self.switch.load_bindings(bindings)
         # No TCP connection outlives the process: a binding registered over one has a dead flow.
@@ -99,8 +104,13 @@ class Server:
                 log.info("profile %s shares %s:%d", profile.name, *addr)
                 continue
             seen.add(addr)
-            for line in await self.driver.transports.listen(profile.sip_ip, profile.sip_port,
-                                                            profile.transports):
+            try:
+                lines = await self.driver.transports.listen(profile.sip_ip, profile.sip_port,
+                                                            profile.transports)
+            except OSError as exc:
+                raise _bind_error(f"SIP profile {profile.name} ({profile.name}.toml)",
+                                  profile.sip_ip, profile.sip_port, exc) from exc
+            for line in lines:
                 log.info("%s (profile %s)", line, profile.name)
         await self._listen_tls()
         self.switch.start(loop.time())
@@ -118,7 +128,11 @@ class Server:
             await self.http_runner.setup()
             site = web.TCPSite(self.http_runner, cfg.http.http_ip, cfg.http.http_port,
                                reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise _bind_error("HTTP ([http] in softpbx.toml)", cfg.http.http_ip,
+                                  cfg.http.http_port, exc) from exc
             log.info("HTTP listening on http://%s:%d", cfg.http.http_ip, cfg.http.http_port)
         self._housekeeping = loop.create_task(self._housekeep())
         # Everything built so far (config, tables, modules) lives as long as the process:
@@ -149,6 +163,37 @@ class Server:
             line = await transports.listen_tls(profile.sip_ip, profile.tls_port,
                                                server_context(profile, root))
             log.info("%s (profile %s)", line, profile.name)
+
+    async def reload(self, config: Config) -> ReloadResult:
+        """Apply a re-read (and validated) configuration to the running switch: extensions,
+        gateways and the dial plan at once, for new calls; the rest is logged as needing a
+        restart (:meth:`Switch.reload`). Gateways named by host name are resolved first."""
+        loop = asyncio.get_running_loop()
+        old = {g.name: g for g in self.switch.config.gateways}
+        result = self.switch.reload(config, loop.time())
+        self.config = self.switch.config
+        fresh = [g for g in self.config.gateways if old.get(g.name) != g]
+        if fresh:
+            await self._resolve_gateways(loop, fresh)
+            if self.driver is not None:
+                self.driver.transports.tls_names.update(self._tls_names)
+        if self.driver is not None:
+            self.driver.kick()  # the un-REGISTERs and REGISTERs of changed gateways
+        log.info("configuration reloaded: %s", result.summary())
+        return result
+
+    def write_pid(self) -> None:
+        """``<data dir>/softpbx.pid``: how ``softpbx reload`` finds this process."""
+        with open(self.pid_path, "w", encoding="ascii") as fh:
+            fh.write(f"{os.getpid()}\n")
+
+    def remove_pid(self) -> None:
+        """Remove the pid file if it is still ours (a second instance may have replaced it)."""
+        with contextlib.suppress(OSError, ValueError):
+            with open(self.pid_path, encoding="ascii") as fh:
+                if int(fh.read().strip()) != os.getpid():
+                    return
+            os.unlink(self.pid_path)
 
     def _start_outbox(self, loop: asyncio.AbstractEventLoop, db_path: str) -> None:
         """The webhook outbox, posting to ``crm.webhook_url`` or to the built-in inspector.
@@ -200,9 +245,11 @@ class Server:
         finally:
             self.driver.kick()  # even after a bug: whatever was queued before it still goes
 
-    async def _resolve_gateways(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Gateways named by host name are resolved once at start-up."""
-        for gw in self.config.gateways:
+    async def _resolve_gateways(self, loop: asyncio.AbstractEventLoop,
+                                gateways: list[Gateway] | None = None) -> None:
+        """Gateways named by host name are resolved at start-up (and when a reload adds or
+        changes them)."""
+        for gw in self.config.gateways if gateways is None else gateways:
             host, port = split_host_port(gw.proxy)
             if gw.transport is Transport.TLS:
                 port = port or 5061  # RFC 3263 §4.2: the TLS default port
@@ -304,19 +351,110 @@ class Server:
         log.info("stopped")
 
 
-async def run_forever(config: Config) -> None:
-    """Run until SIGINT/SIGTERM."""
+PID_FILE = "softpbx.pid"
+"""In the data directory while softpbx runs: its process id."""
+RELOAD_STATUS_FILE = "softpbx.reload"
+"""In the data directory: the outcome of the last reload, as JSON (read by ``softpbx
+reload``): ``{"pid", "serial", "ok", "message"}``."""
+
+
+async def run_forever(config: Config, load: Callable[[], Config] | None = None) -> None:
+    """Run until SIGINT/SIGTERM; on SIGHUP re-read the configuration with ``load`` (the
+    same profiles directory and ``--set`` options as at start) and apply it."""
     server = Server(config=config)
-    await server.start()
+    try:
+        await server.start()
+    except BaseException:
+        # Whatever was opened before the failure (store, outbox thread, listeners) is
+        # closed, so the error message is the last thing the process says.
+        with contextlib.suppress(Exception):
+            await server.stop()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    log.info("softpbx running (pid %d); Ctrl-C stops it", os.getpid())
+    reloads: list[asyncio.Task[None]] = []
+    serial = 0
+
+    async def reload() -> None:
+        nonlocal serial
+        serial += 1
+        try:
+            assert load is not None
+            result = await server.reload(load())
+            ok, message = True, result.summary()
+        except ConfigError as exc:
+            # Refused whole: the running configuration stays as it is.
+            ok, message = False, f"configuration error: {exc}; the running configuration stays"
+            log.error("reload refused: %s", message)
+        except Exception as exc:  # a bug must not take the running switch down
+            log.exception("reload failed")
+            ok, message = False, f"internal error: {exc}"
+        _write_status(os.path.join(data_dir(config), RELOAD_STATUS_FILE),
+                      {"pid": os.getpid(), "serial": serial, "ok": ok, "message": message})
+
+    def on_hup() -> None:
+        log.info("SIGHUP: re-reading the configuration from %s", config.profiles_dir)
+        # One at a time, in order: a second HUP during a reload waits for the first.
+        prev = reloads[-1] if reloads else None
+
+        async def chained() -> None:
+            if prev is not None:
+                await asyncio.gather(prev, return_exceptions=True)
+            await reload()
+        reloads[:] = [loop.create_task(chained())]
+
+    if load is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+    server.write_pid()
+    log.info("softpbx running (pid %d); Ctrl-C stops it%s", os.getpid(),
+             ", SIGHUP or `softpbx reload` re-reads the configuration" if load else "")
     try:
         await stop.wait()
     finally:
+        if load is not None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        if reloads:
+            await asyncio.gather(*reloads, return_exceptions=True)
+        server.remove_pid()
         await server.stop()
+
+
+def _write_status(path: str, status: dict[str, object]) -> None:
+    """Replace the reload status file atomically (the CLI may be reading it)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(status, fh)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)
+
+
+def _bind_error(what: str, ip: str, port: int, exc: OSError) -> OSError:
+    """``exc`` (``[Errno 99] Cannot assign requested address``) naming what could not
+    listen where, so the operator knows which key to fix."""
+    host = f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+    # asyncio words some of them its own way ("error while attempting to bind on address
+    # ('127.0.0.1', 8080): address already in use"): the errno's text says it plainly.
+    reason = os.strerror(exc.errno) if exc.errno else str(exc)
+    return OSError(exc.errno, f"{what} cannot listen on {host}: {reason}")
+
+
+class _HttpParseErrorFilter(logging.Filter):
+    """aiohttp logs a malformed request (a scanner, TLS on the HTTP port) with a 10-line
+    traceback: one line is what an operator needs; aiohttp already answered it 400."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            why = " ".join(str(exc.message).split())[:200]
+            record.msg, record.args = "%s: %d %s", (record.getMessage(), exc.code, why)
+            record.exc_info = record.exc_text = None
+            if record.levelno > logging.INFO:
+                record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
 
 
 def _raise_nofile_limit() -> None:
@@ -327,13 +465,15 @@ def _raise_nofile_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def run(config: Config) -> None:
-    """Run the switch on uvloop where available (stock asyncio costs 2.3x per RTP packet)."""
+def run(config: Config, load: Callable[[], Config] | None = None) -> None:
+    """Run the switch on uvloop where available (stock asyncio costs 2.3x per RTP packet);
+    ``load`` re-reads the configuration on SIGHUP."""
+    logging.getLogger("aiohttp.server").addFilter(_HttpParseErrorFilter())
     try:
         import uvloop
     except ImportError:  # pragma: no cover - non-Linux
         uvloop = None  # type: ignore[assignment]
     if uvloop is not None and sys.platform != "win32":
-        uvloop.run(run_forever(config))
+        uvloop.run(run_forever(config, load))
     else:  # pragma: no cover
-        asyncio.run(run_forever(config))
+        asyncio.run(run_forever(config, load))

@@ -44,7 +44,7 @@ def listeners(server: Server) -> list[str]:
 
 def console_sources(server: Server, db_path: str) -> tuple[ConsoleSources, CdrSearch]:
     """The console's view of ``server`` and the read-only connections to close at stop."""
-    search = CdrSearch(path=db_path)
+    search = CdrSearch(path=db_path, timezone=server.config.global_.timezone)
 
     def hang_up(call_id: str) -> bool:
         assert server.driver is not None

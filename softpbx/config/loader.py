@@ -47,7 +47,7 @@ from softpbx.config.schema import (
 )
 from softpbx.config.tls import check_gateway_tls, check_tls_files
 
-__all__ = ["describe", "load_config", "resolve_path", "split_host_port"]
+__all__ = ["data_dir", "describe", "load_config", "resolve_path", "split_host_port"]
 
 MAIN_FILE = "softpbx.toml"
 OVERRIDE_FILE = "--set"
@@ -116,9 +116,11 @@ def load_config(profiles_dir: str | Path, overrides: Sequence[str] = ()) -> Conf
         raw["dialplan.toml"] = _read_toml(root, "dialplan.toml")
 
     origins: dict[tuple[str, str], str] = {}
+    before = _derived_sources(raw)
     for text in overrides:
         file, key = _apply_override(raw, text)
         origins[(file, key)] = text
+    _follow_derived(raw, before)
 
     try:
         return _build_config(root, raw)
@@ -140,14 +142,89 @@ def load_config(profiles_dir: str | Path, overrides: Sequence[str] = ()) -> Conf
 def resolve_path(config: Config, p: str | Path) -> str:
     """``p`` as an absolute path: relative paths are taken from ``global.data_dir``.
 
-    ``data_dir`` itself, when relative, is taken from the profiles directory's parent
-    (so the shipped ``data_dir = "."`` means the project checkout).
+    ``data_dir`` itself, when relative, is taken from the current directory, like any path
+    on a command line (``softpbx --data-dir`` sets it, absolute): data never lands next to
+    the configuration unless asked to (``--profiles /etc/softpbx`` does not write
+    ``/etc/softpbx.db``). softpbx never changes its directory, so this is stable.
     """
     base = Path(config.global_.data_dir).expanduser()
-    if not base.is_absolute():
-        base = Path(config.profiles_dir).parent / base
     path = Path(p).expanduser()
-    return str((path if path.is_absolute() else base / path).resolve())
+    return str((path if path.is_absolute() else base.absolute() / path).resolve())
+
+
+def data_dir(config: Config) -> str:
+    """The data directory (database, recordings, pid file), absolute."""
+    return resolve_path(config, ".")
+
+
+def _derived_sources(raw: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What derived values are derived from, as the files say (before ``--set``)."""
+    http = raw[MAIN_FILE].get("http")
+    http = http if isinstance(http, dict) else {}
+    d = HttpSettings()
+    gateways = {}
+    for rel, doc in raw.items():
+        gw = doc.get("gateway") if rel.startswith("gateways/") else None
+        if isinstance(gw, dict):
+            gateways[rel] = (gw.get("proxy"), gw.get("inbound_addresses"))
+    return {"http": (http.get("http_ip", d.http_ip), http.get("http_port", d.http_port),
+                     http.get("public_base_url", d.public_base_url)),
+            "gateways": gateways}
+
+
+def _base_url(ip: Any, port: Any) -> str | None:
+    """``http://<http_ip>:<http_port>`` (loopback for a wildcard address), or ``None`` when
+    the values are not an address and a port (validation will say so)."""
+    if not isinstance(ip, str) or isinstance(port, bool) or not isinstance(port, int) or not port:
+        return None
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return None
+    if addr.is_unspecified:
+        addr = ipaddress.ip_address("127.0.0.1" if addr.version == 4 else "::1")
+    host = f"[{addr}]" if addr.version == 6 else str(addr)
+    return f"http://{host}:{port}"
+
+
+def _follow_derived(raw: dict[str, dict[str, Any]], before: dict[str, Any]) -> None:
+    """Derived values follow what they derive from after ``--set``: ``public_base_url``
+    (unset, or the URL of the file's own ``http_ip:http_port``) follows the HTTP address,
+    and a gateway's ``inbound_addresses`` entries naming its old proxy follow the proxy
+    (dropped when the new proxy is a host name: the resolved proxy address then applies).
+    A value set to something else is the operator's: ``softpbx check`` says when it and
+    what it derives from disagree."""
+    http = raw[MAIN_FILE].get("http", {})
+    if isinstance(http, dict):
+        ip0, port0, url0 = before["http"]
+        d = HttpSettings()
+        new_url = _base_url(http.get("http_ip", d.http_ip), http.get("http_port", d.http_port))
+        url = http.get("public_base_url")
+        derived = url is None or (url == url0 and isinstance(url, str)
+                                  and url.rstrip("/") == _base_url(ip0, port0))
+        if new_url and derived and new_url != url and http.get("http_port") != 0:
+            http["public_base_url"] = new_url
+            raw[MAIN_FILE]["http"] = http
+    for rel, (proxy0, inbound0) in before["gateways"].items():
+        gw = raw[rel]["gateway"]
+        proxy, inbound = gw.get("proxy"), gw.get("inbound_addresses")
+        if (proxy == proxy0 or not isinstance(proxy, str) or not isinstance(proxy0, str)
+                or inbound != inbound0 or not isinstance(inbound, list)):
+            continue
+        try:
+            host0, host = split_host_port(proxy0)[0], split_host_port(proxy)[0]
+            ipaddress.ip_address(host)
+        except ValueError:
+            host = None  # a host name: only its resolved address can say where it sends from
+        moved: list[Any] = []
+        for entry in inbound:
+            if entry == proxy0:
+                entry = proxy if host else None
+            elif entry == host0 and host != host0:
+                entry = host
+            if entry is not None and entry not in moved:
+                moved.append(entry)
+        gw["inbound_addresses"] = moved
 
 
 def split_host_port(text: str) -> tuple[str, int | None]:
@@ -182,6 +259,7 @@ def describe(config: Config) -> str:
     out = [
         f"softpbx configuration from {config.profiles_dir}",
         f"  domain {g.domain}, timezone {g.timezone}, log level {g.log_level}",
+        f"  data directory {data_dir(config)} (--data-dir; the pid file while it runs)",
         f"  database {resolve_path(config, g.db_path)}",
         "",
         "Listeners:",

@@ -40,7 +40,8 @@ class GlobalSettings:
     timezone: str = "UTC"
     """IANA zone for local times (CDR, CRM ``call_start``)."""
     data_dir: str = "."
-    """Directory relative paths below are resolved against (relative to the profiles dir's parent)."""
+    """Data directory (database, recordings, pid file) and base of the relative paths below;
+    relative to the current directory (``softpbx --data-dir`` overrides it)."""
     db_path: str = "softpbx.db"
     """SQLite database (registrations, CDRs, recordings index, webhook outbox)."""
     log_level: str = "info"

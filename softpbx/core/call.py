@@ -183,6 +183,8 @@ class Call:
         """A blind transfer ringing its target (:mod:`.transfer`), which sees the events first."""
         self.transfers: list[dict[str, Any]] = []
         """The transfer/pickup chain of the CDR (:func:`.transfer.chain_text`)."""
+        self.caller_call_id = ""
+        """The Call-ID of the caller's leg once a transfer replaced that leg (the CDR's)."""
 
     # -- start --------------------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -544,7 +546,7 @@ class Call:
                       (self.last_rang.extension if self.last_rang else "")))
         inbound = self.route.direction is Direction.INBOUND
         rec = CallRecord(
-            call_id=self.id, sip_call_id=self.a.request.call_id,
+            call_id=self.id, sip_call_id=self.caller_call_id or self.a.request.call_id,
             direction=self.route.direction.value, caller=self.caller_number,
             callee=self.route.dialled, did=self.route.dialled if inbound else "",
             extension=extension,
@@ -552,7 +554,9 @@ class Call:
                      or self.gateway_used),
             started_at=self.created_at, answered_at=self.answered_at, ended_at=now,
             disposition=self.disposition, sip_code=self.sip_code, cause=self.cause,
-            caller_extension=self.caller_extension, pbx_call_id=self.pbx_call_id)
+            caller_extension=self.caller_extension, pbx_call_id=self.pbx_call_id,
+            sent_number=next((t.number for s in self.route.stages for t in s.targets if
+                              isinstance(t, GatewayTarget) and t.gateway == self.gateway_used), ""))
         if self._events:
             notifier = self.host.notifier
             if self._outbound_for_crm:

@@ -95,6 +95,9 @@ class CallRecord:
     pbx_call_id: str = ""
     """The id the CRM knows the call by (``in_``/``out_`` + 40 hex; an internal call's
     ``int_`` id spelled ``in_``), the same as in every NOTIFY_* of the call."""
+    sent_number: str = ""
+    """The number sent to the gateway (after the dial rule's rewrites), else "";
+    ``callee`` keeps the number as dialled."""
     transfers: str = ""
     """The call's transfer chain as JSON (who answered, who transferred to whom, pickups,
     each with ``at``: seconds since the call started), "" when there was none."""

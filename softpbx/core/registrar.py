@@ -165,6 +165,14 @@ class Registrar:
             actions.append(DeleteBinding(aor, key))
         return actions
 
+    def drop(self, aor: str) -> list[Action]:
+        """Forget every binding of ``aor`` (its extension was removed by a reload)."""
+        table = self._bindings.pop(aor, None) or {}
+        for key in table:
+            self._dead.discard((aor, key))
+        # Heap and flow index entries are stale now and skipped where they are read.
+        return [DeleteBinding(aor, key) for key in table]
+
     def register(self, req: Request, aor: str, flow: Flow, now: float) -> tuple[list[tuple[str, str]], list[Action]]:
         """Apply an authenticated REGISTER for extension ``aor``.
 

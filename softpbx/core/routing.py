@@ -99,8 +99,11 @@ class Router:
         if dialled.startswith("group:") or dialled in self.groups:
             name = dialled.removeprefix("group:")
             if name in self.groups:
-                return Route(Direction.INTERNAL, self._group_stages(name, 0), dialled,
-                             record=ext.record)
+                # A member calling its own group rings the others, not its own phone.
+                stages = self._group_stages(name, 0, exclude=ext_id)
+                if not stages:
+                    return NoRoute(480, "Temporarily Unavailable")  # nobody else in it
+                return Route(Direction.INTERNAL, stages, dialled, record=ext.record)
         for pattern, rule in self.outbound:
             if pattern.fullmatch(dialled):
                 return self._outbound(ext, rule, dialled)
@@ -171,9 +174,12 @@ class Router:
             return True
         return any(g in self.gateways and self.gateways[g].record for g in gateways if g)
 
-    def _group_stages(self, name: str, timeout: float) -> tuple[Stage, ...]:
+    def _group_stages(self, name: str, timeout: float, exclude: str = "") -> tuple[Stage, ...]:
+        """The stages of ring group ``name``, without member ``exclude`` (the caller)."""
         group = self.groups[name]
-        members = tuple(ExtensionTarget(m) for m in group.members)
+        members = tuple(ExtensionTarget(m) for m in group.members if m != exclude)
+        if not members:
+            return ()
         if group.strategy == "sequential":
             return tuple(Stage((m,), group.member_timeout) for m in members)
         return (Stage(members, timeout),)

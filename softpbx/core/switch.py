@@ -36,6 +36,7 @@ from .leg import Leg
 from .notify import CrmAnswer, Notifier
 from .originate import OriginatedCall
 from .pickup import pick, wanted
+from .reconfig import ReloadResult, diff_by_key, gateways_in_use, merged, needs_restart
 from .refer import on_refer
 from .registrar import IntervalTooBrief, Registrar
 from .routing import Direction, NoRoute, Router
@@ -140,6 +141,47 @@ class Switch:
         n = sum(reg.stop(now) for reg in self.gateway_registrations.values())
         self._drain(now)
         return n
+
+    def reload(self, config: Config, now: float) -> ReloadResult:
+        """Swap in the extensions, gateways and dial plan of ``config`` (validated already)
+        for every new call and registration; live calls keep the route they were given and
+        registrations of extensions still there are kept. The other sections keep their
+        running values and are reported in ``needs_restart`` (see :mod:`.reconfig`)."""
+        old, new = self.config, merged(self.config, config)
+        old_ext = {e.id: e for e in old.extensions}
+        ext_added, ext_removed, ext_changed = diff_by_key(old_ext, {e.id: e for e in new.extensions})
+        old_gw, new_gw = self._gateways_by_name, {g.name: g for g in new.gateways}
+        gw_added, gw_removed, gw_changed = diff_by_key(old_gw, new_gw)
+        self.config, self.router = new, Router(config=new)
+        self.extensions = {e.id: e for e in new.extensions if e.enabled}
+        self.auth.set_users({e.id: e.password for e in self.extensions.values()},
+                            {e.id: e.auth_algorithms for e in self.extensions.values()})
+        dropped = [a for aor in old_ext if aor not in self.extensions
+                   for a in self.registrar.drop(aor)]
+        self._actions.extend(dropped)
+        # A live call may still ring or fall back to a gateway that is gone: its own route
+        # names it, so it stays known by name (not by address) until those calls end.
+        in_use = gateways_in_use(self.calls.values())
+        self._gateways_by_name = {**{n: g for n, g in old_gw.items() if n in in_use}, **new_gw}
+        self._gateway_addrs = {n: a for n, a in self._gateway_addrs.items()
+                               if n in new_gw and new_gw[n].proxy == old_gw[n].proxy}
+        self.gateways = gateway_matcher(new.gateways)
+        for name, addr in list(self._gateway_addrs.items()):
+            self.set_gateway_address(name, addr)
+        # Registrations to providers: withdrawn for removed or changed gateways (RFC 3261
+        # §10.2.2, Expires: 0), sent for added or changed ones; unchanged ones go on as they are.
+        for name in (*gw_removed, *gw_changed):
+            if (reg := self.gateway_registrations.pop(name, None)) is not None:
+                reg.stop(now)
+        for name in (*gw_added, *gw_changed):
+            if new_gw[name].register:
+                reg = GatewayRegistration(host=self, gateway=new_gw[name])
+                self.gateway_registrations[name] = reg
+                reg.start(now)
+        self._drain(now)
+        return ReloadResult(ext_added, ext_removed, ext_changed, gw_added, gw_removed,
+                            gw_changed, old.dialplan != new.dialplan, len(dropped),
+                            needs_restart(old, config))
 
     # -- shell API ----------------------------------------------------------------------------
     def receive(self, data: bytes, flow: Flow, now: float, *, framing_error: str | None = None) -> None:

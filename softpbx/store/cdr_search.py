@@ -10,9 +10,10 @@ import contextlib
 import os
 import sqlite3
 import threading
+import zoneinfo
 from dataclasses import dataclass
 
-from .sqlite import _connect_reader
+from .sqlite import _connect_reader, cdr_local_times
 
 MAX_PAGE = 500
 
@@ -43,8 +44,10 @@ def _like(text: str) -> str:
 class CdrSearch:
     """The console's read-only view of ``softpbx.db``."""
 
-    def __init__(self, *, path: str) -> None:
+    def __init__(self, *, path: str, timezone: str = "UTC") -> None:
         self.path = path
+        self.tz = zoneinfo.ZoneInfo(timezone)
+        """``global.timezone``: each row's times are also given in it (``*_local``)."""
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -91,7 +94,8 @@ class CdrSearch:
             " ORDER BY c.started_at DESC LIMIT ? OFFSET ?",
             [*args, max(1, min(f.limit, MAX_PAGE)), max(0, f.offset)])
         names = [d[0] for d in cur.description]
-        rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        rows = [cdr_local_times(dict(zip(names, r, strict=True)), self.tz)
+                for r in cur.fetchall()]
         return {"cdr": rows, "total": total}
 
     def recording(self, call_id: str) -> tuple[str, str] | None:

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS cdr (
     sip_code     INTEGER NOT NULL,
     cause        TEXT NOT NULL,
     pbx_call_id  TEXT NOT NULL DEFAULT '',  -- the CRM's id of the call (in_/out_ + 40 hex), else ''
+    sent_number  TEXT NOT NULL DEFAULT '',  -- number sent to the gateway after rewrites, else ''
     transfers    TEXT NOT NULL DEFAULT ''   -- transfer/pickup chain (JSON list), else ''
 );
 CREATE INDEX IF NOT EXISTS cdr_started ON cdr (started_at);

@@ -21,6 +21,8 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+import zoneinfo
+from datetime import datetime
 from importlib import resources
 
 from ..config.schema import Transport
@@ -56,6 +58,7 @@ def _connect(path: str) -> sqlite3.Connection:
 _ADDED_COLUMNS = (
     ("cdr", "caller_extension", "TEXT NOT NULL DEFAULT ''"),
     ("cdr", "pbx_call_id", "TEXT NOT NULL DEFAULT ''"),
+    ("cdr", "sent_number", "TEXT NOT NULL DEFAULT ''"),
     ("cdr", "transfers", "TEXT NOT NULL DEFAULT ''"),
 )
 """Columns added since the first schema: databases made before get them at start-up."""
@@ -67,6 +70,16 @@ def _migrate(db: sqlite3.Connection) -> None:
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if column not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {decl}")
+
+
+def cdr_local_times(row: dict[str, object], tz: zoneinfo.ZoneInfo) -> dict[str, object]:
+    """CDR ``row`` with ``<x>_local`` next to each epoch ``<x>_at``: the same instant in
+    ``tz`` (``global.timezone``), ISO 8601 with its UTC offset (``2026-12-02T18:16:14+03:00``)."""
+    for key in ("started_at", "answered_at", "ended_at"):
+        t = row.get(key)
+        row[f"{key}_local"] = (None if not isinstance(t, int | float) else
+                               datetime.fromtimestamp(t, tz).isoformat(timespec="seconds"))
+    return row
 
 
 def _connect_reader(path: str) -> sqlite3.Connection:
@@ -108,8 +121,10 @@ class SqliteStore:
     """Registrations, CDRs and the recordings index (implements :class:`~.api.Store`; the
     webhook outbox has its own connection and thread: :class:`~.outbox.OutboxDb`)."""
 
-    def __init__(self, *, path: str) -> None:
+    def __init__(self, *, path: str, timezone: str = "UTC") -> None:
         self.path = path
+        self.tz = zoneinfo.ZoneInfo(timezone)
+        """``global.timezone``: CDR times are also given in it (ISO 8601 with its offset)."""
         db = _connect(path)
         db.executescript(resources.files("softpbx.store").joinpath("schema.sql").read_text())
         _migrate(db)
@@ -165,7 +180,8 @@ class SqliteStore:
         cur = self._reader().execute("SELECT * FROM cdr ORDER BY started_at DESC LIMIT ?",
                                      (limit,))
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        return [cdr_local_times(dict(zip(names, r, strict=True)), self.tz)
+                for r in cur.fetchall()]
 
     # -- writes (queued) ----------------------------------------------------------------------
     def apply(self, action: Action, *, wall_offset: float) -> None:
@@ -185,13 +201,13 @@ class SqliteStore:
             self._write((
                 "INSERT OR REPLACE INTO cdr (call_id, sip_call_id, direction, caller, callee, did,"
                 " extension, caller_extension, gateway, started_at, answered_at, ended_at,"
-                " duration, disposition, sip_code, cause, pbx_call_id, transfers)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " duration, disposition, sip_code, cause, pbx_call_id, sent_number, transfers)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (r.call_id, r.sip_call_id, r.direction, r.caller, r.callee, r.did, r.extension,
                  r.caller_extension, r.gateway, r.started_at + wall_offset,
                  None if r.answered_at is None else r.answered_at + wall_offset,
                  r.ended_at + wall_offset, r.duration, r.disposition, r.sip_code, r.cause,
-                 r.pbx_call_id, r.transfers)))
+                 r.pbx_call_id, r.sent_number, r.transfers)))
         elif isinstance(action, DeleteBinding):
             self._write(("DELETE FROM registrations WHERE aor=? AND key=?",
                              (action.aor, action.key)))

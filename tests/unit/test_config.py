@@ -653,10 +653,16 @@ def test_split_host_port_rejects(text: str) -> None:
         split_host_port(text)
 
 
-def test_relative_paths_kept_and_resolve_path(profiles: Path) -> None:
+def test_relative_paths_kept_and_resolve_path(profiles: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A relative data_dir is the current directory's, not the profiles folder's parent
+    # (--profiles /etc/softpbx must not write /etc/softpbx.db).
+    parent = tmp_path / "cwd"
+    parent.mkdir()
+    monkeypatch.chdir(parent)
+    parent = parent.resolve()
     cfg = load_config(profiles)
     assert cfg.recording.dir == "recordings"
-    parent = profiles.parent.resolve()
     assert resolve_path(cfg, cfg.global_.db_path) == str(parent / "softpbx.db")
     assert resolve_path(cfg, "/var/x.db") == "/var/x.db"
     cfg = load_config(profiles, ["global.data_dir=data"])
