@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.phone import Phone, make_sdp
+from tests.support.rtp import RtpEndpoint
 from tests.support.server import SHIPPED_PROFILES, PbxProcess, free_port
 from tests.support.sip_client import SipClient
 
@@ -82,6 +84,37 @@ def test_sighup_and_softpbx_reload_apply_refuse_and_keep(tmp_path: Path) -> None
     assert not (pbx.workdir / "softpbx.pid").exists()  # removed at a clean stop
     r = softpbx("reload", "--profiles", str(profiles), "--data-dir", str(pbx.workdir))
     assert r.returncode == 1 and "no running softpbx for data directory" in r.stderr
+
+
+def test_answered_call_survives_a_reload_that_removes_its_caller(tmp_path: Path) -> None:
+    profiles = tmp_path / "profiles"
+    shutil.copytree(SHIPPED_PROFILES, profiles)
+    dp = profiles / "dialplan.toml"
+    dp.write_text(dp.read_text().replace('["101", "102"]', '["101", "103"]')
+                  .replace('fallback = "102"', 'fallback = "103"'))
+    with PbxProcess.create(tmp_path / "pbx", profiles=profiles,
+                           overrides={"recording.enabled": "false"}) as pbx, \
+            Phone(user="101", pbx=pbx.sip_addr, password="secret101") as alice, \
+            Phone(user="102", pbx=pbx.sip_addr, password="secret102") as bob, \
+            RtpEndpoint() as rtp:
+        alice.register()
+        call = bob.call("101", sdp=make_sdp(rtp.port))
+        inc = alice.wait_invite()
+        inc.answer(make_sdp(rtp.port))
+        assert call.wait_final().status == 200
+        (profiles / "directory" / "102.toml").unlink()
+        r = softpbx("reload", "--profiles", str(profiles), "--data-dir", str(pbx.workdir))
+        assert r.returncode == 0 and "extensions removed: 102" in r.stdout, r
+        assert len(pbx.http_json("/api/calls")["calls"]) == 1  # still up
+        assert call.bye().status == 200
+        inc.wait_bye()
+        deadline = time.monotonic() + 5
+        while not pbx.http_json("/api/cdr?limit=5")["cdr"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (cdr,) = pbx.http_json("/api/cdr?limit=5")["cdr"]
+        assert (cdr["disposition"], cdr["caller"], cdr["extension"]) == ("answered", "102", "101")
+        assert cdr["started_at_local"].endswith("+03:00")  # Europe/Moscow, the sample's zone
+        assert bob.call("101", sdp=make_sdp(rtp.port)).wait_final().status == 403
 
 
 def test_version_and_help_for_every_command() -> None:
