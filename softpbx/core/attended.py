@@ -83,6 +83,7 @@ def join(first: tuple[Call, Leg], second: tuple[Call, Leg], *, by: str, progress
     assert y_sdp is not None
     # The other call lets go of Y and ends (its CDR, its relay session, its recording).
     if y_is_a_in_o:
+        o.caller_call_id = o.caller_call_id or o.a.request.call_id
         o.a = lo  # type: ignore[assignment]
     else:
         o.answered = None
@@ -96,6 +97,7 @@ def join(first: tuple[Call, Leg], second: tuple[Call, Leg], *, by: str, progress
     ls_is_a = ls is s.a
     y.call = s
     if ls_is_a:
+        s.caller_call_id = s.caller_call_id or s.a.request.call_id
         s.a = y  # type: ignore[assignment]
         s.caller_extension = y_ext
     else:

@@ -249,6 +249,7 @@ class BlindTransfer:
         started = neg.adopt({t_is_a: sdp})
         old = self.transferor
         if t_is_a:
+            call.caller_call_id = call.caller_call_id or call.a.request.call_id
             call.a = leg
             call.caller_extension = leg.extension
         else:

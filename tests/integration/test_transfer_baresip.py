@@ -5,7 +5,9 @@ baresip's ``transfer <uri>`` command (menu module, over ctrl_tcp) sends a blind 
 the target and bridges the remaining party to it. Audio is checked by tone detection: each
 phone plays its own tone (101: 440 Hz, 102: 880 Hz, 103: 660 Hz) and dumps what it hears;
 softpbx's call recording (caller left, callee right) shows what the relay got from each side.
-Pickup: 103 dials ``*8`` while 102 rings and takes the call.
+Pickup: 103 dials ``*8`` while 102 rings and takes the call. Attended transfer (baresip 1.0
+has no command for it): the transferor is the tests' own UDP phone (tests/support/phone.py),
+which calls both baresip phones and sends the REFER with Replaces.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -26,7 +29,16 @@ from tests.integration.test_phone_baresip import (
     talk,
 )
 from tests.support.baresip import BaresipPhone, baresip_binary
-from tests.support.server import PbxProcess, free_port
+from tests.support.phone import (
+    OutgoingCall,
+    Phone,
+    authorization,
+    build_request,
+    make_sdp,
+    md5_challenge,
+    new_branch,
+)
+from tests.support.server import HOST, PbxProcess, free_port
 from tests.support.tones import read_mono, tone_fraction
 
 pytestmark = pytest.mark.integration
@@ -129,3 +141,68 @@ def test_group_pickup_with_baresip(rig: Rig, phones) -> None:  # noqa: F811
     row = rig.cdr(lambda r: '"event":"pickup"' in r["transfers"])
     assert (row["caller"], row["extension"], row["disposition"]) == ("101", "103", "answered")
     assert row["cause"] == "callee hung up", row
+
+
+def refer(phone: Phone, call: OutgoingCall, refer_to: str, password: str) -> int:
+    """REFER in ``call``'s dialog, through the digest challenge; the final status."""
+    d = call.dialog
+    assert d is not None
+    auth = ""
+    for _ in range(2):  # bounded: the challenge, then the answer
+        d.cseq += 1
+        headers = [("Via", phone.via(new_branch())), ("Max-Forwards", "70"),
+                   ("From", d.local), ("To", d.remote), ("Call-ID", d.call_id),
+                   ("CSeq", f"{d.cseq} REFER"), ("Contact", phone.contact),
+                   ("Refer-To", refer_to)]
+        if auth:
+            headers.append(("Authorization", auth))
+        phone.send(build_request("REFER", d.target, headers))
+        resp = phone.wait_response(d.call_id, d.cseq, "REFER", timeout=5.0)
+        if resp.status != 401:
+            return resp.status
+        auth = authorization(md5_challenge(resp), username=phone.user, password=password,
+                             method="REFER", uri=d.target)
+    return 401
+
+
+def test_attended_transfer_joins_two_baresip_phones(rig: Rig, phones) -> None:  # noqa: F811
+    """The test phone (101) calls 102, then 103, then REFERs call 1 with Replaces naming
+    call 2: 102 and 103 are joined (103 re-INVITEd to call 1's relay) and hear each other;
+    101 gets a BYE on both calls; call 1's CDR names 103, the recording has both tones."""
+    bob, carol = phones("102"), phones("103")
+    with Phone(user="101", password="secret101", pbx=(HOST, rig.port)) as alice:
+        legs = []
+        for callee, number in ((bob, "102"), (carol, "103")):
+            since = callee.mark()
+            out = alice.call(number, sdp=make_sdp(free_port()))
+            callee.wait_event("CALL_INCOMING", 8.0, since=since)
+            callee.accept()
+            assert out.wait_final().status == 200
+            legs.append(out)
+        call1, call2 = legs
+        talk(0.5, bob, carol)
+        to_tag = (call2.final.to.tag if call2.final else "") or ""
+        replaces = quote(f"{call2.call_id};to-tag={to_tag};from-tag={call2.from_tag}", safe="")
+        since_bob, since_carol = bob.mark(), carol.mark()
+        assert refer(alice, call1, f"<sip:103@{HOST}?Replaces={replaces}>", "secret101") == 202
+        call1.wait_bye(5.0)
+        call2.wait_bye(5.0)
+        # 103 was re-INVITEd to call 1's relay side (102 keeps its session: same codecs as
+        # 101's offer, so softpbx leaves it alone)
+        carol.wait_event("CALL_REMOTE_SDP", 5.0, since=since_carol)
+        talk(2.5, bob, carol)
+        since_bob, since_carol = bob.mark(), carol.mark()
+        bob.hangup()
+        bob.wait_event("CALL_CLOSED", 5.0, since=since_bob)
+        carol.wait_event("CALL_CLOSED", 5.0, since=since_carol)
+    assert tail_share(bob, bob.collect_recordings(), TONES["103"], 2.0) >= HEARD
+    assert tail_share(carol, carol.collect_recordings(), TONES["102"], 2.0) >= HEARD
+    row = rig.cdr(lambda r: r["sip_call_id"] == call1.call_id)
+    assert (row["disposition"], row["extension"]) == ("answered", "102"), row
+    assert '"event":"attended","by":"101","to":"103"' in row["transfers"], row
+    other = rig.cdr(lambda r: r["sip_call_id"] == call2.call_id)
+    assert other["cause"].startswith("joined to "), other
+    stereo, srate = _stereo(rig.recording(row["call_id"]))
+    last = stereo[-int(2.0 * srate):-int(0.3 * srate)]
+    assert tone_fraction(last[:, 0], TONES["103"], srate) >= HEARD  # side A: 103 now
+    assert tone_fraction(last[:, 1], TONES["102"], srate) >= HEARD

@@ -512,6 +512,7 @@ Max-Forwards: 70
     assert (end["internal"], end["duration"], end["disposition"]) == ("102", "5", "answered")
     (cdr,) = net.cdrs
     assert cdr.caller_extension == "102" and cdr.pbx_call_id == end["pbx_call_id"]
+    assert cdr.sip_call_id == "call-1"  # the caller's first leg, not the target's
     assert json.loads(cdr.transfers)[1] == {"at": 2, "event": "blind", "by": "101", "to": "102"}
 
 
