@@ -128,7 +128,7 @@ def run(label: str, calls: int, extra: list[str]) -> list[float]:
     proc = start_pbx(work, sip_port, carrier.getsockname()[1], extra)
     try:
         phone = SipClient("udp", (HOST, sip_port))
-        resp = phone.register("101", "secret101")
+        _, resp = phone.register("101", "secret101")
         assert resp is not None and resp.status == 200, resp
         for _ in range(20):  # warm-up
             one_call(carrier, phone.sock, sip_port, -1)
