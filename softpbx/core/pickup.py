@@ -6,9 +6,11 @@ CANCEL with ``Reason: SIP;cause=200`` (RFC 3326: answered elsewhere, no missed c
 picker's leg takes the place of the callee (the same :class:`~.call.Call`, so one
 ``pbx_call_id`` and one CDR; ``NOTIFY_INTERNAL``/``NOTIFY_END`` and the CDR name the picker,
 the extension that really answered). Two SDP offers meet here (the caller's, still
-unanswered, and the picker's): each party gets as its answer its own offer restricted to the
-codecs the other offered (RFC 3264 §6.1: an answer lists a subset of the offer's formats,
-with its payload type numbers), at its relay side. Nothing to pick up: ``404``.
+unanswered, and the picker's): each party is answered with the other party's offer
+restricted to the codecs it offered itself (RFC 3264 §6.1: an answer lists a subset of the
+offer's codecs), at its relay side. The payload type numbers are the other party's: the
+static ones (PCMU 0, PCMA 8 ...) agree by definition, a dynamic one (telephone-event) may
+not. Nothing to pick up: ``404``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ from .originate import OriginatedCall
 from .pickup import pick, wanted
 from .reconfig import ReloadResult, diff_by_key, gateways_in_use, merged, needs_restart
 from .refer import on_refer
+from .replaces import on_replaces
 from .registrar import IntervalTooBrief, Registrar
 from .routing import Direction, NoRoute, Router
 from .security import FailureTracker, RateLimitedLog, loggable
@@ -55,10 +56,11 @@ KNOWN_METHODS = frozenset({"INVITE", "ACK", "CANCEL", "BYE", "OPTIONS", "REGISTE
 """Methods softpbx knows of: the ones it does not implement get 405, unknown ones 501."""
 REJECTED_LOG_INTERVAL = 10.0
 """Seconds between two "rejected message" warnings for one source (the rest are counted)."""
-SUPPORTED = frozenset({"outbound"})
+SUPPORTED = frozenset({"outbound", "replaces"})
 """Option tags softpbx accepts in ``Require`` (RFC 3261 §8.2.2.3). ``outbound`` (RFC 5626):
 softpbx is the edge and the registrar, keeps each registration's flow and answers CRLF
-keep-alives; ``path`` (RFC 3327) is not implemented, so it is not claimed."""
+keep-alives; ``path`` (RFC 3327) is not implemented, so it is not claimed. ``replaces``
+(RFC 3891): an INVITE with Replaces takes over an answered dialog (:mod:`.replaces`)."""
 
 
 def gateway_matcher(gateways: tuple[Gateway, ...]) -> dict[tuple[str, int | None], Gateway]:
@@ -530,6 +532,9 @@ class Switch:
         contacts = req.contacts
         if not contacts or len(contacts) != 1:
             raise ParseError("INVITE needs exactly one Contact")
+        if caller_ext and req.get("replaces") is not None:  # RFC 3891
+            on_replaces(self, caller_ext, req, tx, flow, now)
+            return
         if caller_ext and wanted(dialled):  # *8, **<ext>: call pickup
             pick(self, caller_ext, dialled, tx, flow, now)
             return

@@ -588,3 +588,77 @@ def test_attended_transfer_naming_an_unknown_dialog_is_481() -> None:
     assert resp.status == 481
     (call,) = net.sw.calls.values()
     assert call.answered.extension == "101"
+
+
+# -- INVITE with Replaces (RFC 3891) ----------------------------------------------------------
+def replacing_invite(net: Net, replaces: str, *, frm: str = "101",
+                     src: tuple[str, int] = ("127.0.0.1", 5063)) -> None:
+    """Extension ``frm`` on ``src`` sends an INVITE with ``Replaces`` (through the challenge)."""
+    def data(cseq: int, auth: str = "") -> bytes:
+        body = sdp(60000)
+        a = f"Authorization: {auth}\n" if auth else ""
+        return crlf(f"""INVITE sip:101@127.0.0.1 SIP/2.0
+Via: SIP/2.0/UDP {src[0]}:{src[1]};branch=z9hG4bKrep{cseq};rport
+From: <sip:{frm}@127.0.0.1>;tag=rep-tag
+To: <sip:101@127.0.0.1>
+Call-ID: replacing-1
+CSeq: {cseq} INVITE
+Contact: <sip:{frm}@{src[0]}:{src[1]}>
+Replaces: {replaces}
+Require: replaces
+Max-Forwards: 70
+Content-Type: application/sdp
+{a}Content-Length: {len(body)}
+
+""") + body
+    net.feed(data(1), src)
+    (r401,) = [m for m in net.take(src) if isinstance(m, Response) and m.status == 401]
+    p = challenge_params(r401.get_all("www-authenticate")[0])
+    auth = digest(user=frm, password=PASSWORDS[frm], realm=p["realm"], nonce=p["nonce"],
+                  method="INVITE", uri="sip:101@127.0.0.1")
+    net.feed(data(2, auth), src)
+
+
+def test_invite_with_replaces_moves_the_call_to_another_phone() -> None:
+    """101's second phone takes over 101's answered call: it gets the client's session at
+    the relay side that faced the first phone, which gets a BYE; the client is left alone
+    (same codecs); one CDR, the chain says replaced."""
+    net = make_net()
+    to_101, ok = inbound_answered_by_101(net)
+    phone2 = ("127.0.0.1", 5063)
+    replacing_invite(net, f"{to_101.call_id};to-tag={to_101.from_.tag};from-tag=callee-tag")
+    (ok2,) = [m for m in net.take(phone2) if isinstance(m, Response) and m.status == 200]
+    (session,) = net.relay.sessions
+    assert media_address(parse_sdp(ok2.body)) == ("127.0.0.1", session.b.rtp_port)
+    assert session.b.rtp.sdp == ("127.0.0.1", 60000)
+    (bye,) = requests(net.take(ALICE), "BYE")
+    net.feed(ok_to(bye), ALICE)
+    assert requests(net.take(CARRIER), "INVITE") == []
+    net.feed(crlf(f"""ACK sip:softpbx@127.0.0.1:5060 SIP/2.0
+Via: SIP/2.0/UDP 127.0.0.1:5063;branch=z9hG4bKrepack;rport
+From: <sip:101@127.0.0.1>;tag=rep-tag
+To: {ok2.get('to')}
+Call-ID: replacing-1
+CSeq: 2 ACK
+Max-Forwards: 70
+Content-Length: 0
+
+"""), phone2)
+    net.advance(2.0)
+    bye_from_carrier(net, ok)
+    (bye2,) = requests(net.take(phone2), "BYE")
+    net.feed(ok_to(bye2), phone2)
+    (cdr,) = net.cdrs
+    assert cdr.extension == "101" and cdr.disposition == "answered"
+    assert json.loads(cdr.transfers)[-1] == {"at": 0, "event": "replaced", "by": "101",
+                                             "replaced": "101"}
+    net.assert_no_leaks()
+
+
+def test_invite_with_replaces_of_an_unknown_dialog_is_481() -> None:
+    net = make_net()
+    inbound_answered_by_101(net)
+    replacing_invite(net, "nope;to-tag=a;from-tag=b")
+    assert 481 in statuses(net.take(("127.0.0.1", 5063)))
+    (call,) = net.sw.calls.values()
+    assert call.answered.extension == "101"
