@@ -5,7 +5,12 @@ and ``m=`` lines that are not relayed (video, T.38) refused with port 0 in both 
 
 from __future__ import annotations
 
+import contextlib
+import random
+
 from softpbx.core.call import CallState
+from softpbx.sip.body import multipart_parts, sdp_of
+from softpbx.sip.errors import ParseError
 from softpbx.sip.message import Response
 from softpbx.sip.parser import parse_message
 from softpbx.sip.sdp import media_address, parse_sdp
@@ -271,7 +276,6 @@ def test_renegotiation_answer_keeps_the_offers_m_lines() -> None:
 
 
 def test_body_module_reads_multipart_strictly() -> None:
-    from softpbx.sip.body import multipart_parts, sdp_of
     ct = f"multipart/mixed;boundary={BOUNDARY}"
     parts = multipart_parts(ct, multipart(sdp(1234)))
     assert [p[0] for p in parts] == ["application/sdp", "application/isup"]
@@ -282,3 +286,27 @@ def test_body_module_reads_multipart_strictly() -> None:
     assert sdp_of("application/isup", b"\x01") is None and sdp_of(None, b"v=0") == b"v=0"
     assert parse_message(with_body(invite(to="1", body=b""), multipart(sdp(9)), ct)).sdp_body \
         == sdp(9)
+
+
+def test_late_offer_ack_with_unusable_sdp_ends_the_call_and_bad_bodies_never_crash() -> None:
+    net = make_net()
+    _, ok = late_call_answered(net)
+    video_only = sdp(40000).replace(b"m=audio", b"m=video")  # nothing we can relay
+    net.feed(ack_with(ok, "102", video_only), ALICE)
+    assert [m.method for m in net.take(ALICE)] == ["BYE"]
+    assert [m.method for m in net.take(BOB)] == ["BYE"]
+    # whatever a multipart body holds, the split works or says 400, and the switch answers
+    rnd = random.Random(12)
+    good = multipart(sdp(1))
+    ct = f"multipart/mixed;boundary={BOUNDARY}"
+    for n in range(300):
+        data = bytearray(good)
+        for _ in range(rnd.randint(1, 8)):
+            data[rnd.randrange(len(data))] = rnd.choice(b"-\r\n:x\x00")
+        with contextlib.suppress(ParseError):
+            multipart_parts(ct, bytes(data))
+        if n % 10 == 0:
+            msg = invite(to="74950000000", frm="7999", src=CARRIER, body=b"",
+                         branch=f"z9hG4bKfz{n}", call_id=f"fz-{n}")
+            net.feed(with_body(msg, bytes(data), ct), CARRIER)
+            assert net.take(CARRIER), "no answer to a fuzzed multipart INVITE"
