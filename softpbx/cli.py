@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         warnings = config_warnings(config)
         for w in warnings:
             print(f"warning: {w}")
-        print("configuration OK" + (f" ({len(warnings)} warnings)" if warnings else ""))
+        n = len(warnings)
+        print("configuration OK" + (f" ({n} warning{'s' if n > 1 else ''})" if n else ""))
         return 0
     if args.command == "reload":
         return reload_running(config)

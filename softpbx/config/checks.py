@@ -47,16 +47,18 @@ def _http_warnings(config: Config) -> list[str]:
         return []
     out = []
     loopback = ipaddress.ip_address(http.http_ip).is_loopback
-    # admin_password: the console login, when this softpbx has one.
-    login = bool(getattr(http, "admin_password", "")) or bool(http.api_token)
-    if not login:
-        out.append("softpbx.toml: http: no login (api_token / admin_password): the console and "
-                   "/api/* are open to anyone who can reach "
-                   f"{http.http_ip}:{http.http_port}"
-                   + (" (this host only)" if loopback else ""))
-    elif not loopback and not getattr(http, "admin_password", "x"):
-        out.append(f"softpbx.toml: http.admin_password: the console on {http.http_ip} (not "
-                   "loopback) has no password")
+    # The rules of softpbx.http.access: with no credential at all the console, /api/* and
+    # /crm/ answer loopback clients only, and without any login.
+    login = bool(getattr(http, "admin_user", "") and getattr(http, "admin_password", ""))
+    if not (login or http.api_token):
+        where = ("" if loopback else
+                 f"; HTTP listens on {http.http_ip}, but every other client is refused")
+        out.append("softpbx.toml: http: no login (admin_user/admin_password) and no api_token: "
+                   "the console, /api/* and /crm/ are open without a password to anyone on "
+                   f"this host{where}")
+    elif not loopback and not login:
+        out.append(f"softpbx.toml: http.admin_password: the console on {http.http_ip} has no "
+                   "browser login (only the api_token bearer): set admin_user/admin_password")
     url = urllib.parse.urlsplit(http.public_base_url)
     try:
         url_port = url.port or (443 if url.scheme == "https" else 80)
