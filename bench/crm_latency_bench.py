@@ -53,8 +53,8 @@ def start_pbx(work: Path, sip_port: int, carrier_port: int, extra: list[str]) ->
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     cmd += extra
-    proc = subprocess.Popen(cmd, cwd=work, stdout=open(work / "pbx.log", "wb"),
-                            stderr=subprocess.STDOUT)
+    with open(work / "pbx.log", "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         with SipClient("udp", (HOST, sip_port)) as c:

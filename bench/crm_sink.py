@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -59,10 +60,8 @@ def main() -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         print(f"crm_sink listening on 127.0.0.1:{args.port}", file=sys.stderr, flush=True)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), args.max_s)
-        except TimeoutError:
-            pass
         await runner.cleanup()
 
     asyncio.run(run())

@@ -32,12 +32,12 @@ from ..http.inspector import CrmInspector
 from ..store.cdr_search import CdrSearch
 from ..store.outbox import OutboxDb
 from ..store.sqlite import SqliteStore
+from .capture import SipCapture, install_capture
 from .console import console_sources
 from .driver import SwitchDriver
+from .metrics import Metrics
 from .outbox import Outbox
 from .recording import FinishedRecording, RecordingManager
-from .capture import SipCapture, install_capture
-from .metrics import Metrics
 from .rtp_transport import RtpRelay
 from .tls import client_context, server_context
 

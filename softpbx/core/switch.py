@@ -38,8 +38,8 @@ from .originate import OriginatedCall
 from .pickup import pick, wanted
 from .reconfig import ReloadResult, diff_by_key, gateways_in_use, merged, needs_restart
 from .refer import on_refer
-from .replaces import on_replaces
 from .registrar import IntervalTooBrief, Registrar
+from .replaces import on_replaces
 from .routing import Direction, NoRoute, Router
 from .security import FailureTracker, RateLimitedLog, loggable
 from .stats import CallStats
