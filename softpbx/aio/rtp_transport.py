@@ -36,17 +36,20 @@ def _discard(data: bytes, addr: Address) -> None:
 class _RelayPort(asyncio.DatagramProtocol):
     """One bound relay socket: asks its stream, forwards through the peer's transport."""
 
-    __slots__ = ("on_lost", "peer", "receive", "send", "transport")
+    __slots__ = ("on_lost", "peer", "receive", "send", "sock", "transport")
 
     def __init__(self, stream: RelayStream, on_lost: Callable[[], None]) -> None:
         self.receive = stream.receive
         self.send: Callable[[bytes, Address], None] = self._send_first
         self.peer: _RelayPort | None = None
         self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
+        """The bound socket, until its transport is attached (see :meth:`_send_first`)."""
         self.on_lost = on_lost
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.sock = None
 
     def datagram_received(self, data: bytes, addr: Address) -> None:
         dest = self.receive(data, addr)
@@ -54,11 +57,21 @@ class _RelayPort(asyncio.DatagramProtocol):
             self.send(data, dest)
 
     def _send_first(self, data: bytes, addr: Address) -> None:
-        # Until the peer socket's transport is attached, packets are dropped; once it is,
-        # bind its sendto directly so the hot path is a single call.
+        # Once the peer socket's transport is attached, bind its sendto directly so the hot
+        # path is a single call. Until then (the four sockets are attached one loop turn
+        # each, and a callee that answers at once with a caller that talks at once beats
+        # that on a busy loop) the packet goes out of the peer's bound socket as it is: the
+        # first words of a call must not be lost.
         peer = self.peer
-        transport = peer.transport if peer is not None else None
-        if transport is None or transport.is_closing():
+        if peer is None:
+            return
+        transport = peer.transport
+        if transport is None:
+            if peer.sock is not None:
+                with contextlib.suppress(OSError):  # a full buffer, or closed meanwhile
+                    peer.sock.sendto(data, addr)
+            return
+        if transport.is_closing():
             return
         self.send = transport.sendto
         transport.sendto(data, addr)
@@ -74,6 +87,7 @@ class _RelayPort(asyncio.DatagramProtocol):
         self.send = _discard
         self.peer = None
         self.transport = None
+        self.sock = None
         self.on_lost()
 
 
@@ -185,6 +199,8 @@ class RtpRelay:
         a_rtp, a_rtcp, b_rtp, b_rtcp = protocols
         a_rtp.peer, b_rtp.peer, a_rtcp.peer, b_rtcp.peer = b_rtp, a_rtp, b_rtcp, a_rtcp
         record.protocols = protocols
+        for proto, sock in zip(protocols, record.sockets, strict=True):
+            proto.sock = sock
         self._sessions[session] = record
         self.closed.opened += 1
         record.attach = self._loop.create_task(self._attach(record))
