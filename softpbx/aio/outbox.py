@@ -3,8 +3,9 @@ before its first attempt, then POSTed until the CRM confirms it (2xx), refuses i
 ``crm.give_up_after_h`` passes (crm-telephony-api.md §1; issue 9 "a durable outbox").
 
 - Commit first: events submitted during one loop tick are inserted in one small
-  transaction by the outbox's own writer thread (:class:`~softpbx.store.outbox.OutboxDb`);
-  an event is attempted only once its row is committed, so a ``kill -9`` at any moment loses nothing that was handed over. A 2xx is
+  transaction (directly, or by the outbox's writer thread when the database is locked:
+  :class:`~softpbx.store.outbox.OutboxDb`); an event is attempted only once its row is
+  committed, so a ``kill -9`` at any moment loses nothing that was handed over. A 2xx is
   written back as ``delivered`` within 20 ms; an event confirmed but killed before that
   write is sent again after the restart (``X-Event-Id`` lets the CRM drop the copy):
   at-least-once, never "maybe never".
@@ -48,6 +49,8 @@ KEEP_DELIVERED_S = 7 * 86400.0
 KEEP_SETTLED_S = 30 * 86400.0
 """Failed and given-up events stay this long (an operator may re-queue them meanwhile)."""
 PURGE_EVERY_S = 3600.0
+DIRECT_INSERT_MAX = 32
+"""Events of one tick committed on the loop thread at most (more go to the writer thread)."""
 
 
 class Sender(Protocol):
@@ -93,7 +96,8 @@ class Outbox:
         self._max_unheld = 0
         """The newest row left in SQLite by _inserted (overflow): paging must reach it."""
         self._queued_inserts = 0
-        """Insert batches on the writer thread, not back yet."""
+        """Insert batches on the writer thread, not back yet (direct inserts wait for them:
+        rows must be committed in submission order)."""
         self._tasks: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
@@ -211,12 +215,19 @@ class Outbox:
         self._flush_soon = False
         if self._inserts:
             batch, self._inserts = self._inserts, []
-            # Committed by the writer thread, not on the loop. (A direct commit on the loop
-            # thread cut the NOTIFY_START p99 from 5 to 1.2 ms, but made the first RTP packet
-            # of test_calls_sipp's outbound call go missing every time: a timing race outside
-            # the outbox that any work at the answer can trigger; see the issue 9 report.)
-            self._queued_inserts += 1
-            self.db.insert(batch, at=self.clock(), then=self._inserted_queued)
+            rows = None
+            # A big batch (a burst of hang-ups at shutdown) goes to the writer thread: the
+            # loop is not held for more than a few tens of microseconds.
+            if not self._queued_inserts and len(batch) <= DIRECT_INSERT_MAX:
+                try:
+                    rows = self.db.insert_now(batch, at=self.clock())
+                except Exception:  # a bug: logged; the batch still goes through the writer
+                    log.exception("outbox: direct insert failed")
+            if rows is not None:
+                self._inserted(rows)
+            else:
+                self._queued_inserts += 1
+                self.db.insert(batch, at=self.clock(), then=self._inserted_queued)
         if self._updates:
             updates, self._updates = self._updates, []
             self.db.update(updates)
@@ -255,8 +266,9 @@ class Outbox:
                      then=lambda rows: self._paged(rows, room))
 
     def _paged(self, rows: list[OutboxRow], limit: int) -> None:
-        # Inserts and pages run in order on the writer thread, but a row left in SQLite must
-        # be reached by a page before overflow ends (belt and braces: _max_unheld).
+        # A row committed after the page was read (a direct insert while it was under way)
+        # and left in SQLite has an id past the page: overflow stays on until a page gets
+        # past every such row.
         self._paging = False
         if self._closed:
             return
