@@ -630,3 +630,17 @@ def test_click_to_call_to_an_internal_extension() -> None:
     (to_102,) = invites(net, BOB)
     assert to_102.from_.uri.user in ("101", "74950000101")
     assert names(net) == ["NOTIFY_OUT_START"]
+
+
+def test_click_to_call_auto_answer_headers_only_when_asked() -> None:
+    net = make_net()
+    click(net)
+    (plain,) = invites(net, ALICE)
+    assert plain.get("call-info") is None and plain.get("alert-info") is None
+    net2 = make_net()
+    assert isinstance(net2.sw.originate("101", "89991234567", net2.clock.now, auto_answer=True),
+                      str)
+    net2.collect()
+    (auto,) = invites(net2, ALICE)
+    assert "answer-after=0" in (auto.get("call-info") or "")
+    assert "info=alert-autoanswer" in (auto.get("alert-info") or "")
