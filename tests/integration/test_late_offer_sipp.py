@@ -7,6 +7,7 @@ the answer from SIPp's ACK. RTP then flows both ways: the Python phone's packets
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,6 +69,19 @@ def caller_call_id(sipp: Sipp) -> str:
     return m.group(1)
 
 
+def media_flows(rtp: RtpEndpoint, relay: tuple[str, int], timeout: float = 3.0) -> None:
+    """Late offer: the relay learns the SDP-less side's address only from its ACK, which
+    may come after the answering phone started to talk (its packets are dropped until
+    then, as in any B2BUA). Probe (bounded) until one echo comes back, then start clean."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rtp.send_pcmu(relay, count=1)
+        if rtp.wait_packets(1, timeout=0.1):
+            rtp.clear()
+            return
+    raise AssertionError(f"no RTP came back through {relay} within {timeout}s")
+
+
 def test_carrier_late_offer_to_a_phone(pbx: Switch, tmp_path: Path) -> None:
     """The carrier's SDP-less INVITE to the DID: 101 gets our offer (relay address, our
     codecs), answers; the carrier's 200 is an offer, its ACK the answer; RTP 101 -> relay ->
@@ -82,6 +96,7 @@ def test_carrier_late_offer_to_a_phone(pbx: Switch, tmp_path: Path) -> None:
             assert b"PCMU/8000" in inc.request.body and b"telephone-event" in inc.request.body
             inc.ring()
             inc.answer(make_sdp(rtp.port))
+            media_flows(rtp, relay)
             sent = rtp.send_pcmu(relay, count=PACKETS)
             assert_echoed(sent, rtp.wait_packets(PACKETS), relay)
             assert inc.bye().status == 200
@@ -114,6 +129,7 @@ def test_phone_late_offer_to_a_phone(pbx: Switch, tmp_path: Path) -> None:
             assert relay[0] == HOST and 21000 <= relay[1] <= 21999, relay
             inc.ring()
             inc.answer(make_sdp(rtp.port))
+            media_flows(rtp, relay)
             sent = rtp.send_pcmu(relay, count=PACKETS)
             assert_echoed(sent, rtp.wait_packets(PACKETS), relay)
             assert inc.bye().status == 200
