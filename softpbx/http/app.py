@@ -172,17 +172,25 @@ async def recording(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     found = await loop.run_in_executor(None, _open_recording, request.app[RECORDING_KEY],
                                        digest)
+    return await _serve(request, found, "no such recording")
+
+
+async def _serve(request: web.Request,
+                 found: tuple[str, BinaryIO | None, os.stat_result | None] | None,
+                 not_ready: str) -> web.StreamResponse:
+    """Answer with what :func:`_open_recording` found: 404 unknown, 410 deleted by the
+    retention policy, 404 ``not_ready`` without a file; else the file (closed after)."""
     if found is None:
         raise web.HTTPNotFound(reason="no such recording")
     state, f, st = found
     if state == "deleted":
         raise web.HTTPGone(reason="recording deleted by the retention policy")
     if f is None or st is None:
-        raise web.HTTPNotFound(reason="no such recording")
+        raise web.HTTPNotFound(reason=not_ready)
     try:
         return await _send(request, f, st)
     finally:
-        await loop.run_in_executor(None, f.close)
+        await asyncio.get_running_loop().run_in_executor(None, f.close)
 
 
 def _open_by_call(lookup: Callable[[str], tuple[str, str] | None], call_id: str
@@ -203,18 +211,7 @@ async def recording_by_call(request: web.Request) -> web.StreamResponse:
     loop = asyncio.get_running_loop()
     found = await loop.run_in_executor(None, _open_by_call,
                                        request.app[console.CONSOLE_KEY].recording_path, call_id)
-    if found is None:
-        raise web.HTTPNotFound(reason="no such recording")
-    state, f, st = found
-    if state == "deleted":
-        raise web.HTTPGone(reason="recording deleted by the retention policy")
-    if f is None or st is None:
-        raise web.HTTPNotFound(reason="no such recording (not ready)")
-    try:
-        resp = await _send(request, f, st)
-    finally:
-        await loop.run_in_executor(None, f.close)
-    return resp
+    return await _serve(request, found, "no such recording (not ready)")
 
 
 async def _send(request: web.Request, f: BinaryIO, st: os.stat_result) -> web.StreamResponse:
