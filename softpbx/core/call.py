@@ -53,8 +53,8 @@ from .outcome import (
     RING_TIMEOUT,
     Failure,
     best_failure,
-    caller_status,
     disposition_of,
+    fork_failed,
 )
 from .registrar import Registrar
 from .routing import Direction, ExtensionTarget, GatewayTarget, Route, Router, Stage
@@ -326,19 +326,10 @@ class Call:
                 self._alerting(leg, now)
                 self._on_answer(leg, event.sdp, now)  # type: ignore[arg-type]
         elif isinstance(event, LegFailed):
-            if leg in self.b_legs:
-                self.b_legs.remove(leg)  # type: ignore[arg-type]
-                code = caller_status(event.status, trunk=bool(leg.gateway))
-                self.failures.append(Failure(code, disposition_of(code)))
-                if 600 <= event.status < 700:
-                    # A global failure (RFC 3261 §16.7 step 5 spirit): the callee said no
-                    # for all its phones; the others of the stage stop ringing.
-                    for other in self.b_legs:
-                        other.cancel(now)
-                    self.b_legs = []
-                if not self.b_legs:
-                    TimerQueue.cancel(self, "no_answer")
-                    self._next_stage(now)
+            if leg in self.b_legs and fork_failed(self.b_legs, self.failures, leg,  # type: ignore[arg-type]
+                                                  event.status, now):
+                TimerQueue.cancel(self, "no_answer")
+                self._next_stage(now)
         elif isinstance(event, LegHungUp):
             self._on_hangup(leg, event.cause, now)
         elif isinstance(event, LegInfo):  # DTMF INFO: to the other party, same body

@@ -18,7 +18,7 @@ from .call import _ENDED, Call, CallState
 from .callee import _user, make_leg
 from .events import Binding, LegAnswered, LegEvent, LegFailed
 from .leg import OutboundLeg
-from .outcome import Failure, caller_status, disposition_of
+from .outcome import fork_failed
 from .timers import TimerQueue
 
 log = logging.getLogger("softpbx.call")
@@ -70,15 +70,9 @@ class OriginatedCall(Call):
         leg = event.leg
         if isinstance(event, LegAnswered):
             self._employee_answered(leg, event.sdp, now)  # type: ignore[arg-type]
-        elif isinstance(event, LegFailed):
-            self.a_forks.remove(leg)  # type: ignore[arg-type]
-            code = caller_status(event.status, trunk=False)
-            self.failures.append(Failure(code, disposition_of(code)))
-            if not self.a_forks or 600 <= event.status < 700:
-                for other in self.a_forks:
-                    other.cancel(now)
-                self.a_forks = []
-                self._give_up(now)
+        elif isinstance(event, LegFailed) and fork_failed(
+                self.a_forks, self.failures, leg, event.status, now):  # type: ignore[arg-type]
+            self._give_up(now)
 
     def _employee_answered(self, leg: OutboundLeg, raw: bytes | None, now: float) -> None:
         assert self.neg is not None

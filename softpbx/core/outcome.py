@@ -4,6 +4,10 @@ and the CRM get (crm-telephony-api.md §1 ``disposition``), from the callee legs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .leg import OutboundLeg
 
 # How a set of callee failures is reported to the caller, best first (RFC 3261 §16.7 spirit).
 _FAIL_ORDER = (486, 600, 603, 480, 408, 404, 484, 604, 403, 503, 502, 500)
@@ -75,3 +79,20 @@ def best_failure(failures: list[Failure]) -> Failure:
     disposition = next((f.disposition for f in failures if f.code == code),
                        disposition_of(code))
     return Failure(code, disposition)
+
+
+def fork_failed(forks: list[OutboundLeg], failures: list[Failure], leg: OutboundLeg,
+                status: int, now: float) -> bool:
+    """``leg``, one of ``forks`` (the legs of one stage, rung together), failed with
+    ``status``: it leaves the stage and its reason, as the caller is told it, joins
+    ``failures``. A 6xx is a global failure (RFC 3261 §16.7 step 5 spirit: the callee said
+    no for all its phones): the others of the stage stop ringing. Returns whether nobody of
+    the stage is left ringing."""
+    forks.remove(leg)
+    code = caller_status(status, trunk=bool(leg.gateway))
+    failures.append(Failure(code, disposition_of(code)))
+    if 600 <= status < 700:
+        for other in forks:
+            other.cancel(now)
+        forks.clear()
+    return not forks

@@ -34,7 +34,7 @@ from ..sip.sdp import SdpError, SessionDescription
 from .callee import legs_for
 from .events import LegAnswered, LegEvent, LegFailed, LegHungUp, LegRinging
 from .negotiation import codec_map, first_rtp
-from .outcome import RING_TIMEOUT, Failure, best_failure, caller_status, disposition_of
+from .outcome import RING_TIMEOUT, Failure, best_failure, fork_failed
 from .routing import Route
 from .timers import TimerQueue
 
@@ -182,17 +182,10 @@ class BlindTransfer:
             elif isinstance(event, LegAnswered):
                 self._alerting(leg, now)
                 self._answered(leg, event.sdp, now)  # type: ignore[arg-type]
-            elif isinstance(event, LegFailed):
-                self.legs.remove(leg)  # type: ignore[arg-type]
-                code = caller_status(event.status, trunk=bool(leg.gateway))
-                self.failures.append(Failure(code, disposition_of(code)))
-                if 600 <= event.status < 700:
-                    for other in self.legs:
-                        other.cancel(now)
-                    self.legs = []
-                if not self.legs:
-                    TimerQueue.cancel(self, "no_answer")
-                    self._next_stage(now)
+            elif isinstance(event, LegFailed) and fork_failed(
+                    self.legs, self.failures, leg, event.status, now):  # type: ignore[arg-type]
+                TimerQueue.cancel(self, "no_answer")
+                self._next_stage(now)
             return True
         if leg is self.transferor and isinstance(event, LegHungUp) and not self.gone:
             # RFC 5589 §6.1: a transferor may hang up once its REFER is accepted; the

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from softpbx.core.call import caller_status
+from softpbx.core.outcome import caller_status
 
 from .test_calls import (
     ALICE,
