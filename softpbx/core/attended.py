@@ -118,9 +118,7 @@ def join(first: tuple[Call, Leg], second: tuple[Call, Leg], *, by: str, progress
         if y_ext in s.alerted:
             s.alerted.remove(y_ext)
         s._alerting(y, now)
-    for key in ("a", "b"):
-        s._silent_since[key] = now
-    s._adopted(started, now)
+    s._adopted(started, now, bridged=True)
     queue = [(y, ls_is_a)]
     if _needs_reoffer(before, y_sdp):
         queue.insert(0, (r, not ls_is_a))  # R first: Y is then offered R's fresh session

@@ -426,11 +426,12 @@ class Call:
             self.a.hangup(now)
             self._end(now, 200, cause)
 
-    def _adopted(self, started: Started, now: float) -> None:
+    def _adopted(self, started: Started, now: float, *, bridged: bool = False) -> None:
         """New SDP is in force: the RTP timeout re-starts for a side that starts sending
-        again, hold is re-read, the recorder hears of the codecs."""
+        again (for both sides when ``bridged``: a new party took over one of them, by a
+        transfer or Replaces), hold is re-read, the recorder hears of the codecs."""
         assert self.neg is not None
-        for key in started:
+        for key in (("a", "b") if bridged else started):
             self._silent_since[key] = now
         self.on_hold = self.neg.on_hold()
         if self._recorded:

@@ -114,9 +114,7 @@ def on_replaces(sw: Switch, ext: str, req: Request, tx: ServerTransaction, flow:
         if ext in call.alerted:
             call.alerted.remove(ext)
         call._alerting(new, now)
-    for key in ("a", "b"):
-        call._silent_since[key] = now
-    call._adopted(started, now)
+    call._adopted(started, now, bridged=True)
     if _needs_reoffer(before, as_peer):
         call.transfer = Reoffers(call, [(remaining, not old_is_a)])  # type: ignore[assignment]
         call.transfer.next(now)  # type: ignore[union-attr]

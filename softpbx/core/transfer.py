@@ -256,9 +256,7 @@ class BlindTransfer:
             old.hangup(now)
         from .call import _ENDED  # a finished leg of a live call reports to nobody
         old.call = _ENDED
-        for key in ("a", "b"):
-            call._silent_since[key] = now  # the RTP timeout counts from the bridge
-        call._adopted(started, now)
+        call._adopted(started, now, bridged=True)  # the RTP timeout counts from the bridge
         if _needs_reoffer(before, sdp):
             if neg.pending is None:
                 # The remaining party's SDP from us pointed at the same relay port; only
