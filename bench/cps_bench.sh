@@ -20,7 +20,7 @@
 # Everything stays on 127.0.0.1; every step is bounded; the whole run is killed after MAX_S.
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"; REPO="$(dirname "$HERE")"
-SHARED=${SHARED:-/work/shared/bench}
+SHARED=${SHARED:-$(cd "$REPO/../shared/bench" 2>/dev/null && pwd)}
 RATES=${RATES:-100,200,400}; STEP_S=${STEP_S:-10}
 SUT_PORT=${SUT_PORT:-5360}; UAS_PORT=${UAS_PORT:-5370}; UAC_PORT=${UAC_PORT:-5380}
 SUT_CPU=${SUT_CPU:-1}; LOAD_CPU=${LOAD_CPU:-0}; MAX_S=${MAX_S:-900}; ONLY=${ONLY:-}

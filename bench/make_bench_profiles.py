@@ -4,7 +4,7 @@
 The copy keeps everything of the source profiles except:
 
 * ``directory/``: N users ``u100000``, ``u100001``, ... with password ``pw-<user>``, the rule
-  of ``/work/shared/bench/sip/make_users.py`` (and of the Kamailio anchor's config); the sample
+  of ``../shared/bench/sip/make_users.py`` (and of the Kamailio anchor's config); the sample
   extensions 101..103 stay, because the shipped dial plan routes to them;
 * ``softpbx.toml``: domain (= digest realm) ``127.0.0.1``; the database in ``--data-dir`` (a
   scratch directory, never the checkout); log level ``warning`` so that logging does not

@@ -12,7 +12,7 @@ Measures, as CPU seconds (``time.process_time``, one thread; pin with ``taskset 
 * the implied %CPU per recorded call and calls per core, against the issue's target of at most
   0.5 % of a core per call;
 
-then runs ``/work/shared/bench/rec/rec_bench.py`` (the anchor: numpy LUT decode, soundfile and
+then runs ``../shared/bench/rec/rec_bench.py`` (the anchor: numpy LUT decode, soundfile and
 lameenc MP3) in the same run with the same audio length, and prints our ratios to it.
 
 Usage: bench/rec_bench.py [--seconds 120] [--repeat 3] [--flush 5] [--level 0.5] [--no-anchor]
@@ -39,7 +39,7 @@ from softpbx.media.g711 import ulaw_encode
 from softpbx.media.mp3 import Mp3Writer
 from softpbx.media.recorder import SAMPLE_RATE, CallRecorder, Side
 
-ANCHOR = Path("/work/shared/bench/rec/rec_bench.py")
+ANCHOR = Path(__file__).resolve().parents[2] / "shared" / "bench" / "rec" / "rec_bench.py"
 ANCHOR_PYTHON = Path(os.environ.get("BENCH_VENV", "/tmp/sipbench-venv")) / "bin" / "python"
 SPP = 160  # samples per 20 ms packet
 TARGET_PCT = 0.5

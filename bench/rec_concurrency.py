@@ -38,7 +38,7 @@ Generator and sink run on ``--gen-cpus`` (default core 0), ``serve`` on ``--sut-
 recording's share per call is ``(CPU with - CPU without) / N``. Everything is on 127.0.0.1
 and bounded (``serve`` exits by itself after ``--gen-s + 60`` s; every child has a timeout).
 Needs ``$BENCH_TMP/rtpload`` (``gcc -O2 -o /tmp/sipbench/rtpload
-/work/shared/bench/rtp/rtpload.c``).
+../shared/bench/rtp/rtpload.c``).
 """
 
 from __future__ import annotations
@@ -335,7 +335,7 @@ def compare(a: argparse.Namespace) -> None:
     rtpload = os.path.join(os.environ.get("BENCH_TMP", "/tmp/sipbench"), "rtpload")
     if not os.access(rtpload, os.X_OK):
         raise SystemExit(f"{rtpload} missing: gcc -O2 -o {rtpload} "
-                         "/work/shared/bench/rtp/rtpload.c")
+                         "../shared/bench/rtp/rtpload.c")
     payloads = ["silence", "voice"] if a.payload == "both" else [a.payload]
     rows = []
     for payload in payloads:

@@ -1,7 +1,7 @@
 #!/bin/bash
 # CPU cost of an authenticated registration (REGISTER -> 401 -> REGISTER+digest -> 200):
 # softpbx against the Kamailio registrar anchor, in the same run, with the shared anchor
-# harness (/work/shared/bench/sip/run_reg.sh, SIPp reg_auth.xml, sipp_step.py).
+# harness (../shared/bench/sip/run_reg.sh, SIPp reg_auth.xml, sipp_step.py).
 #
 #  1. makes sure SIPp, Kamailio and the anchor venv are there (runs the shared setup.sh once,
 #     as root; SKIP_APT=1 when the packages are already installed);
@@ -26,7 +26,7 @@
 # clean tree can be measured with: git archive HEAD | tar -x -C DIR && PY=... DIR/bench/reg_bench.sh
 set -u
 HERE="$(cd "$(dirname "$0")" && pwd)"; REPO="$(dirname "$HERE")"
-SHARED=${SHARED:-/work/shared/bench}
+SHARED=${SHARED:-$(cd "$REPO/../shared/bench" 2>/dev/null && pwd)}
 RATES=${RATES:-500,1000,2000}; STEP_S=${STEP_S:-5}; NUSERS=${NUSERS:-10000}
 SUT_PORT=${SUT_PORT:-5260}          # not 5060: the shipped profile / tests may be using it
 UAC_PORT=${UAC_PORT:-5280}          # SIPp's local port

@@ -5,7 +5,7 @@
   rtp_relay_bench.py serve --streams N --base B --sink H:P    the relay alone (used by the above)
 
 ``serve`` starts :class:`softpbx.aio.rtp_transport.RtpRelay` on uvloop with the socket layout
-``/work/shared/bench/rtp/rtp_step.py --modes external`` expects -- stream ``i`` arrives on
+``../shared/bench/rtp/rtp_step.py --modes external`` expects -- stream ``i`` arrives on
 ``BASE + 2i`` and is forwarded to the sink: session ``k`` has side A on ``BASE + 4k`` (stream
 ``2k``) and side B on ``BASE + 4k + 2`` (stream ``2k + 1``); both sides' SDP address is the
 sink and the sessions use the ``asymmetric`` latch policy, so each side's packets go out of the
@@ -18,8 +18,8 @@ count, and prints relay CPU per packet for each and softpbx's ratio to them. It 
 ``--metrics`` runs softpbx a second time per stream count with the metrics collector reading
 the relay (``softpbx.aio.metrics.SoftpbxCollector``, the ``/metrics`` families) and the text
 exposition generated every second, as a scrape would: the same run shows both figures. It needs
-``$BENCH_TMP/rtpload`` (``/work/shared/bench/setup.sh``, or just
-``gcc -O2 -o $BENCH_TMP/rtpload /work/shared/bench/rtp/rtpload.c``). Bounded: every step lasts
+``$BENCH_TMP/rtpload`` (``../shared/bench/setup.sh``, or just
+``gcc -O2 -o $BENCH_TMP/rtpload ../shared/bench/rtp/rtpload.c``). Bounded: every step lasts
 ``gen_s`` + a few seconds; ``serve`` exits by itself after ``--duration``.
 """
 
@@ -36,7 +36,8 @@ import subprocess
 import sys
 import time
 
-SHARED_BENCH = os.environ.get("SHARED_BENCH", "/work/shared/bench")
+SHARED_BENCH = os.environ.get(
+    "SHARED_BENCH", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "bench"))
 RTP_STEP = os.path.join(SHARED_BENCH, "rtp", "rtp_step.py")
 
 
@@ -151,7 +152,7 @@ def compare(a: argparse.Namespace) -> None:
     env.setdefault("BENCH_TMP", "/tmp/sipbench")
     rtpload = os.path.join(env["BENCH_TMP"], "rtpload")
     if not os.access(rtpload, os.X_OK):
-        raise SystemExit(f"{rtpload} missing: run /work/shared/bench/setup.sh (or gcc rtpload.c)")
+        raise SystemExit(f"{rtpload} missing: run {SHARED_BENCH}/setup.sh (or gcc rtpload.c)")
     common = ["--gen-s", str(a.gen_s), "--relay-base", str(a.base), "--keep-going"]
     rows = _step(["--modes", a.anchors, "--streams", a.streams, *common], env)
     sut_cpu = env.get("SUT_CPU", "1")

@@ -34,7 +34,7 @@ from tests.support.sip_client import SipClient
 pytestmark = pytest.mark.integration
 
 TESTDATA = Path(__file__).resolve().parents[2].parent / "shared" / "testdata" / "rfc4475"
-"""``../shared/testdata/rfc4475`` from the project root (/work/main -> /work/shared)."""
+"""``../shared/testdata/rfc4475`` beside the project root (the checkout's parent folder)."""
 NONE_WAIT = 0.7
 """Seconds of silence that count as "no response"."""
 ANSWER_WAIT = 3.0
