@@ -77,16 +77,7 @@ class Switch:
 
     def cdr(self, sip_call_id: str, timeout: float = 5.0) -> dict[str, Any]:
         """The CDR of the call whose caller leg had ``sip_call_id`` (written off-loop: polled)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = [r for r in self.pbx.http_json("/api/cdr?limit=100")["cdr"]
-                    if r["sip_call_id"] == sip_call_id]
-            if rows:
-                assert len(rows) == 1, rows
-                return rows[0]
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no CDR for {sip_call_id} within {timeout}s")
-            time.sleep(0.1)
+        return self.pbx.wait_cdr(lambda r: r["sip_call_id"] == sip_call_id, sip_call_id, timeout)
 
     def phone(self, user: str, **kwargs: Any) -> Phone:
         password = {"101": "secret101", "102": "secret102", "103": "secret103"}.get(user, "")

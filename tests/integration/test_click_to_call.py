@@ -107,16 +107,8 @@ class Pbx:
 
     def cdr(self, pbx_call_id: str, timeout: float = 5.0) -> dict[str, Any]:
         """The CDR of the click's call (written off-loop: polled, bounded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = [r for r in self.proc.http_json("/api/cdr?limit=100")["cdr"]
-                    if r.get("pbx_call_id") == pbx_call_id]
-            if rows:
-                assert len(rows) == 1, rows
-                return rows[0]
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no CDR for {pbx_call_id} within {timeout}s")
-            time.sleep(0.1)
+        return self.proc.wait_cdr(lambda r: r.get("pbx_call_id") == pbx_call_id, pbx_call_id,
+                                  timeout)
 
 
 @pytest.fixture(scope="module")

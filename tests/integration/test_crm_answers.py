@@ -8,7 +8,6 @@ the events arrive in order, multipart, with the fields of the spec."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,14 +99,7 @@ def test_caller_name_is_shown_on_the_phone_and_events_come_in_order(
         assert [k for k, _ in got[2].fields] == ["event", "call_start", "pbx_call_id",
                                                 "caller_id", "called_did", "internal",
                                                 "duration", "disposition"]
-        deadline = time.monotonic() + 5  # the store writes the CDR off the loop
-        while time.monotonic() < deadline:
-            rows = [c for c in pbx.http_json("/api/cdr?limit=5")["cdr"]
-                    if c.get("pbx_call_id") == got[0].pbx_call_id]
-            if rows:
-                break
-            time.sleep(0.05)
-        (cdr,) = rows
+        cdr = pbx.wait_cdr(lambda c: c.get("pbx_call_id") == got[0].pbx_call_id)
         assert cdr["did"] == DID
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 
 from tests.integration.test_calls_sipp import Sipp, received_requests, write_profiles
-from tests.support.baresip import BaresipPhone, baresip_binary
+from tests.support.baresip import BaresipPhone, require_baresip
 from tests.support.server import HOST, PbxProcess, free_port
 from tests.support.tones import read_mono, tone_fraction
 
@@ -62,17 +62,8 @@ class Rig:
         return f"sip:{user}@{HOST}:{self.port};transport={transport}"
 
     def cdr(self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
-        """The one CDR matching ``match`` (written off the loop: polled, bounded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = [r for r in self.pbx.http_json("/api/cdr?limit=100")["cdr"] if match(r)]
-            if rows:
-                assert len(rows) == 1, rows
-                return rows[0]
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no matching CDR within {timeout}s\n"
-                                     f"{self.pbx.log_text()[-3000:]}")
-            time.sleep(0.1)
+        """The one CDR matching ``match``."""
+        return self.pbx.wait_cdr(match, timeout=timeout)
 
     def recording(self, call_id: str, timeout: float = 5.0) -> Path:
         """The finished MP3 of softpbx call ``call_id`` (caller left, callee right)."""
@@ -83,10 +74,7 @@ class Rig:
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """One softpbx for the module: shipped profiles, carrier on a free port."""
-    if baresip_binary() is None:
-        pytest.fail("baresip not found on PATH: install it (Debian/Ubuntu: apt-get install "
-                    "baresip-core); the real-phone tests need it and are not skipped",
-                    pytrace=False)
+    require_baresip()
     root = tmp_path_factory.mktemp("baresip")
     carrier_port = free_port()
     profiles = write_profiles(root / "profiles", carrier_port, no_answer_timeout=30)

@@ -55,16 +55,8 @@ class Rig:
     def cdr_since(self, since: float, callee: str, timeout: float = 5.0) -> dict[str, Any]:
         """The CDR of the one call to ``callee`` that started after ``since`` (written
         off-loop: polled, bounded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = [r for r in self.pbx.http_json("/api/cdr?limit=50")["cdr"]
-                    if r["callee"] == callee and r["started_at"] >= since]
-            if rows:
-                assert len(rows) == 1, rows
-                return rows[0]
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no CDR for a call to {callee} within {timeout}s")
-            time.sleep(0.1)
+        return self.pbx.wait_cdr(lambda r: r["callee"] == callee and r["started_at"] >= since,
+                                 f"a call to {callee}", timeout)
 
 
 @pytest.fixture(scope="module")

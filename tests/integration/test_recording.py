@@ -143,14 +143,7 @@ def wait_status_zero(pbx: PbxProcess, timeout: float = 5.0) -> dict[str, Any]:
 
 
 def cdr(pbx: PbxProcess, sip_call_id: str, timeout: float = 5.0) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = [r for r in pbx.http_json("/api/cdr?limit=100")["cdr"]
-                if r["sip_call_id"] == sip_call_id]
-        if rows:
-            return rows[0]
-        assert time.monotonic() < deadline, f"no CDR for {sip_call_id} within {timeout}s"
-        time.sleep(0.1)
+    return pbx.wait_cdr(lambda r: r["sip_call_id"] == sip_call_id, sip_call_id, timeout)
 
 
 @pytest.fixture(scope="module")

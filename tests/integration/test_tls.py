@@ -67,17 +67,8 @@ class Rig:
         return f"sip:{user}@{HOST}:{self.tls_port}"
 
     def cdr(self, match: Callable[[dict[str, Any]], bool], timeout: float = 5.0) -> dict[str, Any]:
-        """The one CDR matching ``match`` (written off the loop: polled, bounded)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rows = [r for r in self.pbx.http_json("/api/cdr?limit=100")["cdr"] if match(r)]
-            if rows:
-                assert len(rows) == 1, rows
-                return rows[0]
-            if time.monotonic() >= deadline:
-                raise AssertionError(f"no matching CDR within {timeout}s\n"
-                                     f"{self.pbx.log_text()[-3000:]}")
-            time.sleep(0.1)
+        """The one CDR matching ``match``."""
+        return self.pbx.wait_cdr(match, timeout=timeout)
 
 
 def _carrier_port() -> int:

@@ -28,7 +28,7 @@ from tests.integration.test_phone_baresip import (
     phones,  # noqa: F401  (the fixture, bound to this module's rig)
     talk,
 )
-from tests.support.baresip import BaresipPhone, baresip_binary
+from tests.support.baresip import BaresipPhone, require_baresip
 from tests.support.phone import (
     OutgoingCall,
     Phone,
@@ -49,10 +49,7 @@ TONES = {"101": 440.0, "102": 880.0, "103": 660.0}
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
     """One softpbx for the module: shipped profiles (101-103 in pickup group "office")."""
-    if baresip_binary() is None:
-        pytest.fail("baresip not found on PATH: install it (Debian/Ubuntu: apt-get install "
-                    "baresip-core); the real-phone tests need it and are not skipped",
-                    pytrace=False)
+    require_baresip()
     root = tmp_path_factory.mktemp("baresip-xfer")
     carrier_port = free_port()
     profiles = write_profiles(root / "profiles", carrier_port, no_answer_timeout=30)

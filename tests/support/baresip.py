@@ -44,6 +44,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.server import HOST, free_port
 from tests.support.tones import make_tone_wav
 
@@ -60,6 +62,14 @@ Event = dict[str, Any]
 def baresip_binary() -> str | None:
     """Path of ``baresip``, or ``None`` when it is not installed."""
     return shutil.which("baresip")
+
+
+def require_baresip() -> None:
+    """FAIL (never skip) the test when baresip is missing, saying how to install it."""
+    if baresip_binary() is None:
+        pytest.fail("baresip not found on PATH: install it (Debian/Ubuntu: apt-get install "
+                    "baresip-core); the real-phone tests need it and are not skipped",
+                    pytrace=False)
 
 
 def _free_sip_port() -> int:

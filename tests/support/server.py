@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,21 @@ class PbxProcess:
         url = f"http://{HOST}:{self.http_port}{path}"
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - 127.0.0.1 only
             return json.loads(resp.read())
+
+    def wait_cdr(self, match: Callable[[dict[str, Any]], bool], what: str = "a matching call",
+                 timeout: float = 5.0) -> dict[str, Any]:
+        """The one CDR row matching ``match`` (the store writes CDRs off the loop: polled,
+        bounded); two matching rows are an error."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rows = [r for r in self.http_json("/api/cdr?limit=100")["cdr"] if match(r)]
+            if rows:
+                assert len(rows) == 1, rows
+                return rows[0]
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"no CDR for {what} within {timeout}s\n"
+                                     f"{self.log_text()[-3000:]}")
+            time.sleep(0.1)
 
     def registrations(self, extension: str | None = None) -> list[dict[str, Any]]:
         """``/api/registrations`` rows, optionally those of one extension."""
